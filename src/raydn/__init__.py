@@ -1,0 +1,20 @@
+"""raydn: RayDN (ECCV 2024) multi-view streaming 3D object detection in pure PyTorch."""
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "build_model", "list_presets", "get_preset"]
+
+
+def build_model(preset="r50_raydn", **overrides):
+    """Build a detector from a preset name (see :func:`list_presets`) or a ``Preset``."""
+    from raydn.presets import build_model as _build
+    return _build(preset, **overrides)
+
+
+def list_presets():
+    from raydn.presets import list_presets as _list
+    return _list()
+
+
+def get_preset(name):
+    from raydn.presets import get_preset as _get
+    return _get(name)

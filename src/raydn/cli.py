@@ -1,0 +1,66 @@
+"""The ``raydn`` command: a thin dispatcher. Each subcommand lives in ``raydn/commands/<name>.py``
+with ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from raydn import __version__
+
+#: (subcommand, module) in the order shown by ``raydn --help``.
+COMMANDS = (
+    ("demo", "raydn.commands.demo"),
+    ("synth", "raydn.commands.synth"),
+    ("prepare", "raydn.commands.prepare"),
+    ("train", "raydn.commands.train"),
+    ("eval", "raydn.commands.eval"),
+    ("infer", "raydn.commands.infer"),
+    ("visualize", "raydn.commands.visualize"),
+    ("convert", "raydn.commands.convert"),
+    ("export", "raydn.commands.export"),
+    ("presets", "raydn.commands.presets"),
+    ("smoke", "raydn.commands.smoke"),
+)
+
+
+from raydn.errors import RaydnError as UserError  # noqa: E402  (re-exported for commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydn",
+        description="RayDN multi-view streaming 3D object detection (pure PyTorch).")
+    parser.add_argument("--version", action="version", version=f"raydn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # subcommand not built yet / optional deps missing
+            if e.name and e.name.startswith("raydn.commands"):
+                continue
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run, _name=name)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"raydn {args._name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raydn {args._name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
