@@ -1,0 +1,89 @@
+"""Training checkpoints: written atomically, loaded safely (``weights_only=True``).
+
+A checkpoint holds everything needed to continue a run exactly: model, optimiser, grad scaler,
+iteration, sampler position, RNG states (python, numpy, torch CPU and CUDA) and the temporal memory
+of every batch slot. Layout (all plain tensors / containers, so ``weights_only`` loading works)::
+
+    {"format": "raydn-train/1", "iteration": int, "model": state_dict, "optimizer": ..., "scaler": ...,
+     "sampler": {...}, "rng": {...}, "temporal_state": {name: tensor}, "preset": str,
+     "config": {...}, "schedule": {...}}
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydn.errors import CheckpointError
+
+FORMAT = "raydn-train/1"
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never a
+    half-written file at ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with clear errors for missing or unsafe/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise CheckpointError(
+            f"cannot load {path} safely (weights_only=True): {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _np_state_to_tensors(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_tensors(d) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def capture_rng_state() -> dict:
+    """RNG states of python, numpy (legacy global), torch CPU and CUDA as weights_only-safe data."""
+    py = random.getstate()
+    state = {
+        "python_version": int(py[0]),
+        "python_state": torch.tensor(py[1], dtype=torch.int64),
+        "python_gauss": py[2] if py[2] is not None else float("nan"),
+        "numpy": _np_state_to_tensors(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    gauss = state["python_gauss"]
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python_state"].tolist()),
+                     None if gauss != gauss else gauss))
+    np.random.set_state(_np_state_from_tensors(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,301 @@
+"""Streaming training loop (one process or many through torchrun/DDP).
+
+The official recipe (spec §10): AdamW with a backbone lr multiplier, per-iteration cosine with
+linear warm-up, gradient clipping at 35 (L2), mixed precision only in the image encoder, the loss the
+plain sum of all terms. Each batch slot walks its own sub-sequence frame by frame and carries its
+temporal memory from iteration to iteration (reset by ``prev_exists``).
+
+Exact resume: the checkpoint stores model, optimiser, scaler, iteration, sampler position, RNG
+states and the temporal memory of every slot; data augmentation is seeded per (seed, sample
+index, draw number) rather than per worker, so a resumed run continues bit-exactly on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from raydn.engine.checkpoint import (FORMAT, atomic_torch_save, capture_rng_state, restore_rng_state,
+                                     safe_torch_load)
+from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, cleanup_distributed,
+                                      setup_distributed)
+from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
+from raydn.models.state import TemporalState
+from raydn.presets import Preset, build_model, get_preset
+
+
+@dataclass
+class TrainOptions:
+    preset: str = "tiny_raydn"
+    data: str = ""                      # train info pickle
+    out_dir: str = "work_dirs/run"
+    dataroot: str | None = None         # root for relative image paths in the infos
+    batch_per_gpu: int | None = None    # default: recipe total batch / world size
+    max_iters: int | None = None        # override the epochs of the recipe
+    epochs: float | None = None
+    lr: float | None = None             # override the recipe's reference lr
+    seed: int = 0
+    workers: int = 2
+    ckpt_interval: int = 500
+    log_interval: int = 10
+    resume: str | None = None           # a checkpoint path or "auto" (latest in out_dir)
+    amp: str | None = None              # 'fp16' | 'bf16' | 'none' (default: recipe on GPU, none on CPU)
+    device: str | None = None
+    grad_checkpoint: bool | None = None
+    progress: bool = True
+    tensorboard: bool = True
+    stop_after: int | None = None       # stop (with a checkpoint) after this many iterations of this run
+    model_overrides: dict = field(default_factory=dict)
+
+
+def _jsonable(o):
+    if is_dataclass(o):
+        return {k: _jsonable(v) for k, v in asdict(o).items()}
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return o
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float
+                    ) -> torch.optim.Optimizer:
+    """AdamW; parameters under ``img_backbone`` get ``lr * backbone_lr_mult`` (official paramwise cfg)."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (backbone if name.startswith("img_backbone.") else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "base_lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "base_lr": lr * backbone_lr_mult})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+class _TrainStep(nn.Module):
+    """``forward`` = the detector's training pass, so DDP can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, state):
+        return self.model.forward_train(batch, state)
+
+
+def _autocast_dtype(amp: str | None, device: torch.device, recipe: str) -> torch.dtype | None:
+    amp = amp if amp is not None else (recipe if device.type == "cuda" else "none")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[amp]
+
+
+class Trainer:
+    """Holds everything of one run; :meth:`run` trains to the end (or ``stop_after``)."""
+
+    def __init__(self, opts: TrainOptions, dist_info: DistInfo | None = None):
+        from raydn.data.dataset import NuScenesStreamingDataset
+        from raydn.data.loader import build_train_loader
+
+        self.opts = opts
+        self.dist = dist_info or setup_distributed(opts.device)
+        self.preset: Preset = get_preset(opts.preset)
+        recipe = self.preset.train
+        self.out_dir = Path(opts.out_dir)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        torch.manual_seed(opts.seed)
+        np.random.seed(opts.seed)
+
+        world = self.dist.world_size
+        self.batch_per_gpu = opts.batch_per_gpu or max(1, recipe.total_batch_size // world)
+        self.dataset = NuScenesStreamingDataset(
+            opts.data, aug=recipe.aug, training=True, seq_split_num=recipe.seq_split_num,
+            dataroot=opts.dataroot, seed=opts.seed)
+        self.schedule: Schedule = derive_schedule(
+            num_train_frames=len(self.dataset), world_size=world, batch_per_gpu=self.batch_per_gpu,
+            reference_total_batch=recipe.total_batch_size,
+            reference_lr=opts.lr if opts.lr is not None else recipe.lr,
+            epochs=opts.epochs if opts.epochs is not None else recipe.epochs,
+            reference_warmup_iters=recipe.warmup_iters, max_iters=opts.max_iters)
+        self.loader, self.sampler = build_train_loader(
+            self.dataset, batch_size=self.batch_per_gpu, rank=self.dist.rank, world_size=world,
+            seed=opts.seed, num_workers=opts.workers)
+
+        model = build_model(self.preset, **opts.model_overrides)
+        gc = recipe.grad_checkpoint if opts.grad_checkpoint is None else opts.grad_checkpoint
+        _set_grad_checkpointing(model, gc)
+        model.encoder_autocast = _autocast_dtype(opts.amp, self.dist.device, recipe.amp)
+        self.model = model.to(self.dist.device).train()
+        step = _TrainStep(self.model)
+        if self.dist.distributed:
+            step = nn.parallel.DistributedDataParallel(
+                step, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                find_unused_parameters=True, broadcast_buffers=False)
+        self.step_fn = step
+        self.optimizer = build_optimizer(self.model, self.schedule.lr, recipe.weight_decay,
+                                         recipe.backbone_lr_mult)
+        use_scaler = model.encoder_autocast == torch.float16 and self.dist.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.iteration = 0
+        self.state: TemporalState = self.model.init_state(self.batch_per_gpu, self.dist.device)
+        self.history: list[dict] = []
+        if opts.resume:
+            self._resume(opts.resume)
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint_path(self, iteration: int | None = None) -> Path:
+        return self.out_dir / (f"iter_{iteration:07d}.pt" if iteration is not None else "latest.pt")
+
+    def _rank_path(self, path: Path) -> Path:
+        return path.with_name(path.stem + f".rank{self.dist.rank}.pt")
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoint_path(self.iteration)
+        per_rank = {"rng": capture_rng_state(), "sampler": self.sampler.state_dict(),
+                    "temporal_state": self.state.as_dict(), "iteration": self.iteration}
+        barrier()
+        if self.dist.is_main:
+            ckpt = {"format": FORMAT, "iteration": self.iteration, "preset": self.preset.name,
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(), "schedule": self.schedule.as_dict(),
+                    "world_size": self.dist.world_size, "config": json.dumps(_jsonable(self.preset)),
+                    "options": json.dumps(_jsonable(self.opts)), "history": json.dumps(self.history),
+                    **per_rank}
+            atomic_torch_save(ckpt, path)
+            atomic_torch_save(ckpt, self.checkpoint_path())  # latest.pt
+        else:
+            atomic_torch_save(per_rank, self._rank_path(path))
+            atomic_torch_save(per_rank, self._rank_path(self.checkpoint_path()))
+        barrier()
+        return path
+
+    def _resume(self, where: str) -> None:
+        path = self.checkpoint_path() if where == "auto" else Path(where)
+        if where == "auto" and not path.exists():
+            return  # nothing to resume: fresh start
+        ckpt = safe_torch_load(path, map_location="cpu")
+        if ckpt.get("format") != FORMAT:
+            from raydn.errors import CheckpointError
+            raise CheckpointError(f"{path} is not a raydn training checkpoint (format "
+                                  f"{ckpt.get('format')!r}, expected {FORMAT!r})")
+        if ckpt["world_size"] != self.dist.world_size:
+            from raydn.errors import CheckpointError
+            raise CheckpointError(f"{path} was written by {ckpt['world_size']} process(es); resume "
+                                  f"with the same number (got {self.dist.world_size})")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.history = json.loads(ckpt.get("history", "[]"))
+        mine = ckpt if self.dist.is_main else safe_torch_load(self._rank_path(path))
+        self.sampler.load_state_dict(mine["sampler"])
+        self.state = TemporalState.from_dict(mine["temporal_state"]).to(self.dist.device)
+        restore_rng_state(mine["rng"])
+
+    # -------------------------------------------------------------- loop
+    def _set_lr(self) -> None:
+        rc = self.preset.train
+        f = lr_factor(self.iteration, self.schedule.max_iters, self.schedule.warmup_iters,
+                      rc.warmup_ratio, rc.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+
+    def train_step(self, batch) -> dict[str, float]:
+        self._set_lr()
+        batch = batch.to(self.dist.device)
+        losses, self.state = self.step_fn(batch, self.state)
+        total = sum(v for k, v in losses.items() if "loss" in k)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.preset.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        logged = {k: float(all_reduce_mean(v.detach()).item()) for k, v in losses.items()}
+        logged["loss"] = float(all_reduce_mean(total.detach()).item())
+        logged["grad_norm"] = float(grad_norm)
+        logged["lr"] = self.optimizer.param_groups[0]["lr"]
+        return logged
+
+    def run(self) -> dict:
+        opts, sched = self.opts, self.schedule
+        log_file = writer = bar = None
+        if self.dist.is_main:
+            print(sched.describe(), flush=True)
+            (self.out_dir / "config.json").write_text(json.dumps(
+                {"preset": _jsonable(self.preset), "options": _jsonable(opts),
+                 "schedule": sched.as_dict()}, indent=2))
+            log_file = open(self.out_dir / "log.txt", "a")
+            log_file.write(sched.describe() + "\n")
+            if opts.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    writer = SummaryWriter(str(self.out_dir / "tb"))
+                except Exception:  # tensorboard not installed: plain log only
+                    writer = None
+            if opts.progress:
+                from tqdm import tqdm
+                bar = tqdm(total=sched.max_iters, initial=self.iteration, desc="train",
+                           dynamic_ncols=True, smoothing=0.1)
+        end = sched.max_iters
+        if opts.stop_after is not None:
+            end = min(end, self.iteration + opts.stop_after)
+        it_loader = iter(self.loader)
+        t0 = time.time()
+        try:
+            while self.iteration < end:
+                batch = next(it_loader)
+                logged = self.train_step(batch)
+                if not math.isfinite(logged["loss"]):
+                    raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {logged}")
+                self.history.append({"iter": self.iteration, "loss": logged["loss"]})
+                if self.dist.is_main:
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.2e}")
+                    if self.iteration % opts.log_interval == 0 or self.iteration == end:
+                        line = json.dumps({"iter": self.iteration, "time": round(time.time() - t0, 2),
+                                           **{k: round(v, 5) for k, v in logged.items()}})
+                        log_file.write(line + "\n")
+                        log_file.flush()
+                        if writer is not None:
+                            for k, v in logged.items():
+                                writer.add_scalar(f"train/{k}", v, self.iteration)
+                if self.iteration % opts.ckpt_interval == 0 or self.iteration == end:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            if log_file is not None:
+                log_file.close()
+        return {"iteration": self.iteration, "history": self.history,
+                "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict()}
+
+
+def _set_grad_checkpointing(model, enabled: bool) -> None:
+    """Switch per-block checkpointing of the backbone and per-layer checkpointing of the decoder."""
+    for m in model.modules():
+        if hasattr(m, "with_cp"):
+            m.with_cp = enabled
+    head = getattr(model, "pts_bbox_head", None)
+    if head is not None and hasattr(head, "set_checkpointing"):
+        head.set_checkpointing(enabled)
+
+
+def train(opts: TrainOptions) -> dict:
+    dist_info = setup_distributed(opts.device)
+    try:
+        return Trainer(opts, dist_info).run()
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,106 @@
+"""The full detector (official ``RepDetr3D``): image backbone -> neck -> RayDN head, plus the
+auxiliary YOLOX 2D head and GridMask in training. The criterion is separate
+(:class:`raydn.models.criterion.RayDNCriterion`) and holds no state-dict entries.
+
+Temporal state is explicit::
+
+    model = raydn.build_model("r50_raydn").eval()
+    state = model.init_state(batch_size=1)
+    for batch in frames:                      # FrameBatch, one frame per slot
+        detections, state = model.predict(batch, state)
+
+Attribute names equal the official checkpoint prefixes (``img_backbone``, ``img_neck``,
+``img_roi_head``, ``pts_bbox_head``), so official state dicts load 1:1 (see ``raydn.interop``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from raydn.config import ModelConfig
+from raydn.data.batch import FrameBatch
+from raydn.models.state import TemporalState
+
+
+class RayDNDetector(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from raydn.models.backbones import build_backbone
+        from raydn.models.criterion import RayDNCriterion
+        from raydn.models.head import RayDNHead
+        from raydn.models.neck import build_neck
+
+        self.cfg = cfg
+        self.img_backbone = build_backbone(cfg.backbone)
+        self.img_neck = build_neck(cfg.neck) if cfg.neck.enabled else None
+        if cfg.aux_head.enabled:
+            from raydn.models.aux_head import build_aux_head
+            self.img_roi_head = build_aux_head(cfg.aux_head)
+        else:
+            self.img_roi_head = None
+        self.pts_bbox_head = RayDNHead(cfg.head)
+        if cfg.use_grid_mask:
+            from raydn.models.grid_mask import GridMask
+            self.grid_mask = GridMask()
+        else:
+            self.grid_mask = None
+        self.criterion = RayDNCriterion(cfg.head)
+        #: autocast dtype for backbone + neck in training (official: fp16 only there); None = fp32
+        self.encoder_autocast: torch.dtype | None = None
+        self.preset: str | None = None
+
+    # ------------------------------------------------------------------ features
+    def extract_feats(self, images: Tensor) -> list[Tensor]:
+        """images (B, N, 3, H, W) normalised -> feature levels, each (B, N, C, H_l, W_l) fp32."""
+        B, N = images.shape[:2]
+        x = images.flatten(0, 1)
+        if self.training and self.grid_mask is not None:
+            x = self.grid_mask(x)
+        ctx = (torch.autocast(device_type=x.device.type, dtype=self.encoder_autocast)
+               if (self.training and self.encoder_autocast is not None) else contextlib.nullcontext())
+        with ctx:
+            feats = self.img_backbone(x)
+            if self.img_neck is not None:
+                feats = self.img_neck(feats)
+        feats = list(feats)[-self.cfg.head.num_levels:]
+        return [f.float().reshape(B, N, *f.shape[1:]) for f in feats]
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, device=None) -> TemporalState:
+        if device is None:
+            device = next(self.parameters()).device
+        return self.pts_bbox_head.init_state(batch_size, device=device)
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, batch: FrameBatch, state: TemporalState | None = None,
+                feats: list[Tensor] | None = None) -> tuple[dict, TemporalState, list[Tensor]]:
+        """Head outputs for one frame per slot. Returns ``(outputs, new_state, feats)``."""
+        if feats is None:
+            feats = self.extract_feats(batch.images)
+        outputs, state = self.pts_bbox_head(feats, batch, state)
+        return outputs, state, feats
+
+    def forward_train(self, batch: FrameBatch, state: TemporalState | None = None
+                      ) -> tuple[dict[str, Tensor], TemporalState]:
+        """Losses of one training frame per slot (official names, 24 head + 5 auxiliary terms).
+        The total loss is the plain sum of the values (``sum(losses.values())``)."""
+        if not batch.has_targets:
+            raise ValueError("forward_train needs a FrameBatch with gt_boxes/gt_labels")
+        outputs, state, feats = self.forward(batch, state)
+        losses = dict(self.criterion(outputs, batch.gt_boxes, batch.gt_labels))
+        if self.img_roi_head is not None and batch.gt_boxes_2d is not None:
+            aux_out = self.img_roi_head(feats)
+            losses.update(self.img_roi_head.loss(aux_out, batch.gt_boxes_2d, batch.gt_labels_2d,
+                                                 batch.centers_2d, batch.depths_2d))
+        return losses, state.detach()
+
+    @torch.no_grad()
+    def predict(self, batch: FrameBatch, state: TemporalState | None = None
+                ) -> tuple[list[dict], TemporalState]:
+        """Decoded detections per sample: dicts with ``boxes`` (k, 9) LiDAR boxes (gravity centre),
+        ``scores`` (k,), ``labels`` (k,). Use in eval mode."""
+        from raydn.models.decode import decode
+        outputs, state, _ = self.forward(batch, state)
+        return decode(outputs, self.cfg.head), state

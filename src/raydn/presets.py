@@ -1,0 +1,144 @@
+"""Presets: named, frozen model + training configurations with their provenance.
+
+``build_model("r50_raydn")`` gives the official R50 RayDN detector, ``"eva02l_raydn"`` the official
+EVA02-L one, ``*_repdetr3d`` the same with ray denoising off (the StreamPETR RepDETR3D baseline), and
+``tiny_*`` small CPU presets for tests and the demo. A preset carries the official config file, the
+reported metrics and the training recipe (stated for a *total* batch size; see
+:mod:`raydn.engine.schedule` for how it adapts to other GPU counts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from raydn.config import (AuxHeadConfig, BackboneConfig, DenoisingConfig, HeadConfig, ModelConfig,
+                          NeckConfig, RayDenoisingConfig)
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """Image / BEV augmentation (spec §2.3): resize-crop-flip then global rotation/scale."""
+    final_dim: tuple = (256, 704)          # (H, W) network input
+    resize_lim: tuple = (0.38, 0.55)
+    bot_pct_lim: tuple = (0.0, 0.0)
+    rand_flip: bool = True
+    rot_range: tuple = (-0.3925, 0.3925)   # global rotation (rad)
+    scale_range: tuple = (0.95, 1.05)      # global scale
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe, stated for ``total_batch_size`` (all GPUs together)."""
+    total_batch_size: int = 16
+    lr: float = 4e-4                 # AdamW lr at ``total_batch_size`` (scaled linearly otherwise)
+    weight_decay: float = 0.01
+    backbone_lr_mult: float = 0.25
+    epochs: float = 60
+    warmup_iters: int = 500          # at ``total_batch_size``; scaled to keep the same number of samples
+    warmup_ratio: float = 1.0 / 3
+    min_lr_ratio: float = 1e-3
+    grad_clip: float = 35.0
+    amp: str = "fp16"                # autocast dtype for the image encoder ('fp16', 'bf16', 'none')
+    seq_split_num: int = 2
+    aug: AugConfig = field(default_factory=AugConfig)
+    grad_checkpoint: bool = True     # backbone blocks + decoder layers
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    description: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    def with_overrides(self, **kw) -> "Preset":
+        return replace(self, **kw)
+
+
+def _r50(ray: bool) -> Preset:
+    head = HeadConfig(denoising=DenoisingConfig(ray=RayDenoisingConfig(enabled=ray)))
+    model = ModelConfig(backbone=BackboneConfig(name="resnet50", with_cp=True), head=head)
+    name = "r50_raydn" if ray else "r50_repdetr3d"
+    return Preset(
+        name=name, model=model, train=TrainConfig(),
+        description=("ResNet-50 (nuImages), 256x704, 428 queries (300 + 128 propagated), 60 epochs"
+                     + ("" if ray else "; ray denoising off (StreamPETR RepDETR3D baseline)")),
+        provenance=dict(
+            official_config=("projects/configs/RayDN/raydn_r50_704_bs2_seq_428q_nui_60e.py" if ray else
+                             "raydn_r50_704_bs2_seq_428q_nui_60e.py with ray denoising off"),
+            repo="LiewFeng/RayDN@cdb8c2c",
+            reported={"NDS": 56.1, "mAP": 47.1} if ray else None,
+            pretrained="nuImages Cascade Mask R-CNN R50 backbone",
+        ))
+
+
+def _eva(ray: bool) -> Preset:
+    head = HeadConfig(num_query=644, num_propagated=256, memory_len=1024, topk_proposals=256,
+                      denoising=DenoisingConfig(ray=RayDenoisingConfig(enabled=ray)))
+    backbone = BackboneConfig(name="eva02", img_size=320, patch_size=16, embed_dim=1024, depth=24,
+                              num_heads=16, mlp_ratio=4 * 2 / 3, window_size=16, global_window_size=20,
+                              drop_path_rate=0.3, with_cp=True, out_channels=256)
+    model = ModelConfig(backbone=backbone, neck=NeckConfig(enabled=False),
+                        aux_head=AuxHeadConfig(strides=(4, 8, 16, 32)), head=head, image_size=(320, 800))
+    train = TrainConfig(epochs=24, backbone_lr_mult=0.1,
+                        aug=AugConfig(final_dim=(320, 800), resize_lim=(0.47, 0.625)))
+    name = "eva02l_raydn" if ray else "eva02l_repdetr3d"
+    return Preset(
+        name=name, model=model, train=train,
+        description=("EVA02-L, 320x800, 900 queries (644 + 256 propagated), 24 epochs"
+                     + ("" if ray else "; ray denoising off (RepDETR3D baseline)")),
+        provenance=dict(
+            official_config=("projects/configs/RayDN/raydn_eva02_800_bs2_seq_24e.py" if ray else
+                             "exiawsh/StreamPETR projects/configs/RepDETR3D/repdetr3d_eva02_800_bs2_seq_24e.py"),
+            repo="LiewFeng/RayDN@cdb8c2c" if ray else "exiawsh/StreamPETR@95f6470",
+            reported={"NDS": 62.4, "mAP": 54.1} if ray else {"NDS": 60.8, "mAP": 52.1},
+            pretrained="eva02_L_coco_det_sys_o365_remapped.pth",
+        ))
+
+
+def _tiny(ray: bool) -> Preset:
+    """A small CPU model: same architecture, narrow widths, small images. Used by tests and the demo."""
+    head = HeadConfig(embed_dims=64, num_query=100, num_propagated=32, memory_len=64, topk_proposals=32,
+                      num_layers=3, num_heads=4, num_groups=4, num_points=8, ffn_dims=128,
+                      max_num=100,
+                      denoising=DenoisingConfig(scalar=5, ray=RayDenoisingConfig(enabled=ray)))
+    backbone = BackboneConfig(name="tiny", frozen_bn=False, out_channels=64)
+    model = ModelConfig(backbone=backbone, neck=NeckConfig(enabled=False),
+                        aux_head=AuxHeadConfig(in_channels=64, feat_channels=32),
+                        head=head, image_size=(128, 352), use_grid_mask=False)
+    train = TrainConfig(total_batch_size=2, lr=2e-3, backbone_lr_mult=1.0, epochs=20, warmup_iters=50,
+                        amp="none", grad_checkpoint=False, seq_split_num=2,
+                        aug=AugConfig(final_dim=(128, 352), resize_lim=(0.21, 0.25),
+                                      rot_range=(-0.2, 0.2)))
+    name = "tiny_raydn" if ray else "tiny_repdetr3d"
+    return Preset(name=name, model=model, train=train,
+                  description="tiny CPU model (tests, demo): 128x352, 64-d head, 3 layers"
+                  + ("" if ray else ", ray denoising off"),
+                  provenance=dict(official_config=None, reported=None))
+
+
+_PRESETS = {p.name: p for p in (_r50(True), _r50(False), _eva(True), _eva(False),
+                                _tiny(True), _tiny(False))}
+
+
+def list_presets() -> list[str]:
+    return list(_PRESETS)
+
+
+def get_preset(name: str | Preset) -> Preset:
+    if isinstance(name, Preset):
+        return name
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(_PRESETS)}") from None
+
+
+def build_model(preset: str | Preset = "r50_raydn", **model_overrides):
+    """Build the detector of a preset. ``model_overrides`` replace fields of its ``ModelConfig``."""
+    from raydn.models.detector import RayDNDetector
+    p = get_preset(preset)
+    cfg = replace(p.model, **model_overrides) if model_overrides else p.model
+    model = RayDNDetector(cfg)
+    model.preset = p.name
+    return model
