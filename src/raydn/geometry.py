@@ -134,3 +134,26 @@ def nerf_positional_encoding(x: Tensor, num_encoding_functions: int = 6) -> Tens
         out.append(torch.sin(x * f))
         out.append(torch.cos(x * f))
     return torch.cat(out, dim=-1)
+
+
+def box_corners(boxes: Tensor) -> Tensor:
+    """Corners of LiDAR boxes (n, >=7) ``[x, y, z_center, l, w, h, yaw, ...]`` -> (n, 8, 3) metres.
+
+    Order: the 4 bottom corners counter-clockwise starting at (+l/2, +w/2) (front-left), then the
+    4 top corners in the same order. Corners 0 and 3 span the front face (+x of the box)."""
+    signs = torch.tensor([[1, 1, -1], [-1, 1, -1], [-1, -1, -1], [1, -1, -1],
+                          [1, 1, 1], [-1, 1, 1], [-1, -1, 1], [1, -1, 1]],
+                         dtype=boxes.dtype, device=boxes.device) * 0.5
+    local = signs[None] * boxes[:, None, 3:6]                       # (n, 8, 3)
+    c, s = boxes[:, 6].cos()[:, None], boxes[:, 6].sin()[:, None]
+    x = local[..., 0] * c - local[..., 1] * s
+    y = local[..., 0] * s + local[..., 1] * c
+    return torch.stack((x, y, local[..., 2]), dim=-1) + boxes[:, None, 0:3]
+
+
+def project_points(points: Tensor, lidar2img: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Project LiDAR points (..., 3) with (4, 4) ``lidar2img`` -> pixels (..., 2) and depth (...,)."""
+    hom = points @ lidar2img[:3, :3].T + lidar2img[:3, 3]
+    depth = hom[..., 2]
+    uv = hom[..., :2] / depth.clamp(min=eps)[..., None]
+    return uv, depth
