@@ -1,0 +1,32 @@
+"""``raydn presets``: list the model presets with their provenance and size."""
+from __future__ import annotations
+
+import json
+
+HELP = "list the model presets (official R50 / EVA02-L, baselines, tiny CPU presets)"
+
+
+def add_arguments(p):
+    p.add_argument("name", nargs="?", help="show one preset in full (JSON)")
+    p.add_argument("--params", action="store_true", help="also count parameters (builds each model)")
+
+
+def run(args) -> int:
+    from raydn.engine.train import _jsonable
+    from raydn.presets import build_model, get_preset, list_presets
+    if args.name:
+        print(json.dumps(_jsonable(get_preset(args.name)), indent=2))
+        return 0
+    for name in list_presets():
+        p = get_preset(name)
+        rep = p.provenance.get("reported")
+        line = f"{name:18s} {p.description}"
+        if rep:
+            line += f"  [reported NDS {rep['NDS']}, mAP {rep['mAP']}]"
+        if args.params:
+            import torch
+            with torch.device("meta"):
+                m = build_model(name)
+            line += f"  {sum(x.numel() for x in m.parameters()) / 1e6:.1f}M params"
+        print(line)
+    return 0
