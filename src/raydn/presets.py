@@ -12,17 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from raydn.config import (AuxHeadConfig, BackboneConfig, DenoisingConfig, HeadConfig, ModelConfig,
                           NeckConfig, RayDenoisingConfig)
-
-
-@dataclass(frozen=True)
-class AugConfig:
-    """Image / BEV augmentation (spec §2.3): resize-crop-flip then global rotation/scale."""
-    final_dim: tuple = (256, 704)          # (H, W) network input
-    resize_lim: tuple = (0.38, 0.55)
-    bot_pct_lim: tuple = (0.0, 0.0)
-    rand_flip: bool = True
-    rot_range: tuple = (-0.3925, 0.3925)   # global rotation (rad)
-    scale_range: tuple = (0.95, 1.05)      # global scale
+from raydn.data.transforms import AugConfig
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,17 @@ class FrameBatch:
         return replace(self, **{f.name: mv(getattr(self, f.name)) for f in fields(self)
                                 if f.name not in ("pad_shape", "meta")})
 
+    def pin_memory(self) -> "FrameBatch":
+        """Copy with every tensor in page-locked memory (called by ``DataLoader(pin_memory=True)``)."""
+        def pin(x):
+            if isinstance(x, Tensor):
+                return x.pin_memory()
+            if isinstance(x, list):
+                return [pin(v) for v in x]
+            return x
+        return replace(self, **{f.name: pin(getattr(self, f.name)) for f in fields(self)
+                                if f.name not in ("pad_shape", "meta")})
+
     def select(self, index: Tensor | list[int]) -> "FrameBatch":
         """Sub-batch of the given slots (tensors and per-sample lists)."""
         idx = torch.as_tensor(index, dtype=torch.long)

@@ -116,17 +116,21 @@ class Trainer:
         world = self.dist.world_size
         self.batch_per_gpu = opts.batch_per_gpu or max(1, recipe.total_batch_size // world)
         self.dataset = NuScenesStreamingDataset(
-            opts.data, aug=recipe.aug, training=True, seq_split_num=recipe.seq_split_num,
-            dataroot=opts.dataroot, seed=opts.seed)
+            opts.data, recipe.aug, data_root=opts.dataroot, seq_split_num=recipe.seq_split_num,
+            seed=opts.seed)
         self.schedule: Schedule = derive_schedule(
             num_train_frames=len(self.dataset), world_size=world, batch_per_gpu=self.batch_per_gpu,
             reference_total_batch=recipe.total_batch_size,
             reference_lr=opts.lr if opts.lr is not None else recipe.lr,
             epochs=opts.epochs if opts.epochs is not None else recipe.epochs,
             reference_warmup_iters=recipe.warmup_iters, max_iters=opts.max_iters)
-        self.loader, self.sampler = build_train_loader(
+        # resume: read the checkpoint first, the loader starts at the consumed iteration
+        self._resume_ckpt, self._resume_path = self._find_resume(opts.resume)
+        start = int(self._resume_ckpt["iteration"]) if self._resume_ckpt is not None else 0
+        self.loader = build_train_loader(
             self.dataset, batch_size=self.batch_per_gpu, rank=self.dist.rank, world_size=world,
-            seed=opts.seed, num_workers=opts.workers)
+            seed=opts.seed, num_workers=opts.workers, start_iteration=start, keyed=True)
+        self.sampler = self.loader.batch_sampler
 
         model = build_model(self.preset, **opts.model_overrides)
         gc = recipe.grad_checkpoint if opts.grad_checkpoint is None else opts.grad_checkpoint
@@ -146,8 +150,8 @@ class Trainer:
         self.iteration = 0
         self.state: TemporalState = self.model.init_state(self.batch_per_gpu, self.dist.device)
         self.history: list[dict] = []
-        if opts.resume:
-            self._resume(opts.resume)
+        if self._resume_ckpt is not None:
+            self._resume(self._resume_ckpt, self._resume_path)
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_path(self, iteration: int | None = None) -> Path:
@@ -158,8 +162,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoint_path(self.iteration)
-        per_rank = {"rng": capture_rng_state(), "sampler": self.sampler.state_dict(),
-                    "temporal_state": self.state.as_dict(), "iteration": self.iteration}
+        per_rank = {"rng": capture_rng_state(), "temporal_state": self.state.as_dict(),
+                    "iteration": self.iteration}
         barrier()
         if self.dist.is_main:
             ckpt = {"format": FORMAT, "iteration": self.iteration, "preset": self.preset.name,
@@ -176,11 +180,17 @@ class Trainer:
         barrier()
         return path
 
-    def _resume(self, where: str) -> None:
+    def _find_resume(self, where: str | None):
+        if not where:
+            return None, None
         path = self.checkpoint_path() if where == "auto" else Path(where)
         if where == "auto" and not path.exists():
-            return  # nothing to resume: fresh start
-        ckpt = safe_torch_load(path, map_location="cpu")
+            return None, None  # nothing to resume: fresh start
+        return safe_torch_load(path, map_location="cpu"), path
+
+    def _resume(self, ckpt: dict, path: Path) -> None:
+        """Continue exactly where ``ckpt`` stopped (the sampler was already positioned at its
+        iteration: the stream and the augmentation draws are functions of the position)."""
         if ckpt.get("format") != FORMAT:
             from raydn.errors import CheckpointError
             raise CheckpointError(f"{path} is not a raydn training checkpoint (format "
@@ -195,7 +205,6 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.history = json.loads(ckpt.get("history", "[]"))
         mine = ckpt if self.dist.is_main else safe_torch_load(self._rank_path(path))
-        self.sampler.load_state_dict(mine["sampler"])
         self.state = TemporalState.from_dict(mine["temporal_state"]).to(self.dist.device)
         restore_rng_state(mine["rng"])
 

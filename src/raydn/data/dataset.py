@@ -1,0 +1,343 @@
+"""``NuScenesStreamingDataset``: one frame (six cameras) per item, official pipeline (spec §2.2-§2.4).
+
+Index ``i`` is the position in the **timestamp-sorted** info list. Sequence structure:
+
+* scenes start where ``len(sweeps) == 0`` (official marker) or, for robustness, where
+  ``scene_token`` changes;
+* training splits each scene of n frames into ``seq_split_num`` sub-sequences of ``ceil(n / k)``
+  frames (official ``_set_sequence_group_flag``); ``group_ids[i]`` is the sub-sequence id, used by
+  :class:`raydn.data.sampler.StreamingGroupSampler`;
+* ``prev_exists`` is 0 at every sub-sequence start in training and at every scene start in test
+  mode (where the official detector derives it from ``scene_token`` changes, §3.3).
+
+Item (a ``dict``; :func:`raydn.data.loader.collate_frames` turns a list into a ``FrameBatch``):
+
+* ``images`` (6, 3, H, W) float32 normalised RGB (H, W = padded ``final_dim``);
+* ``intrinsics`` (6, 4, 4) viewpad with the augmented K; ``extrinsics`` (6, 4, 4) LiDAR -> camera
+  (never augmented); ``lidar2img`` (6, 4, 4) LiDAR(augmented) -> pixel·depth; all float32;
+* ``ego_pose`` (4, 4) float32 LiDAR(augmented) -> global; ``ego_pose_inv`` its inverse;
+* ``timestamp`` float (seconds, float64); ``prev_exists`` float 0/1;
+* ``gt_boxes`` (n, 9) float32 gravity-centre ``[x, y, z_c, l, w, h, yaw, vx, vy]`` and ``gt_labels``
+  (n,) int64 (``None`` without annotations); per camera lists ``gt_boxes_2d`` (k, 4),
+  ``gt_labels_2d`` (k,), ``centers_2d`` (k, 2), ``depths_2d`` (k,) (training only, else ``None``);
+* ``meta`` dict: ``sample_token``, ``scene_token``, ``index``, ``img_timestamp`` (6 floats),
+  ``img_shape`` / ``pad_shape`` (H, W), ``image_paths``, ``aug`` (the random draw).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from raydn.data.infos import has_annotations, load_info_file, pose_matrix, validate_infos
+from raydn.data.transforms import (
+    AugConfig, ImageAugParams, apply_global_rot_scale, apply_image_aug,
+    filter_boxes_range, filter_invisible, ida_matrix, limit_yaw, normalize_images, pad_images,
+    sample_global_aug, sample_image_aug, transform_boxes_2d,
+)
+from raydn.errors import DataError
+from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, PC_RANGE
+
+__all__ = ["NuScenesStreamingDataset", "resolve_image_path", "load_image",
+           "sequence_groups", "scene_ids"]
+
+
+def resolve_image_path(path: str, data_root: str | os.PathLike | None) -> Path:
+    """Map an info ``data_path`` to a file. Without ``data_root`` the path is used as written
+    (absolute, or relative to the working directory, as officially). With ``data_root`` the part
+    from the first ``samples``/``sweeps`` component on is re-rooted there (so StreamPETR's
+    ``./data/nuscenes/samples/...`` paths work from anywhere); other relative paths are joined."""
+    p = Path(path)
+    if data_root is None:
+        return p
+    parts = p.parts
+    for i, part in enumerate(parts):
+        if part in ("samples", "sweeps"):
+            return Path(data_root, *parts[i:])
+    return p if p.is_absolute() else Path(data_root) / p
+
+
+def load_image(path: Path, src_size: tuple, draft_size: tuple | None = None) -> Image.Image:
+    """Open and fully decode one camera image as RGB; a missing, unreadable or corrupt file, or a
+    size other than ``src_size`` (H, W), raises :class:`DataError` naming the file. ``draft_size``
+    (W, H) asks libjpeg for DCT-domain down-scaling to exactly that size (ignored if unavailable)."""
+    H, W = src_size
+    try:
+        with Image.open(path) as im:
+            if im.size != (W, H):
+                raise DataError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {W}x{H} "
+                                "(the official augmentation assumes the nuScenes camera size)")
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", draft_size)
+                if im.size != tuple(draft_size):  # draft picked another scale: decode full size
+                    raise _RetryFull()
+            return im.convert("RGB")  # forces the full decode inside the try
+    except _RetryFull:
+        return load_image(path, src_size, None)
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: camera image not found") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode camera image ({type(exc).__name__}: {exc})") from exc
+
+
+class _RetryFull(Exception):
+    pass
+
+
+def scene_ids(infos: Sequence[dict]) -> np.ndarray:
+    """(n,) int64 scene index per sorted record: a new scene starts at i > 0 where
+    ``len(sweeps) == 0`` (official marker) or where ``scene_token`` changes (robustness)."""
+    n = len(infos)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    no_sweeps = np.array([len(r["sweeps"]) == 0 for r in infos], dtype=bool)
+    tokens = np.array([str(r["scene_token"]) for r in infos])
+    start = no_sweeps.copy()
+    start[1:] |= tokens[1:] != tokens[:-1]
+    start[0] = False
+    return np.cumsum(start).astype(np.int64)
+
+
+def sequence_groups(scene: np.ndarray, seq_split_num: int) -> np.ndarray:
+    """Official sub-sequence ids: a scene of n frames is cut at ``range(0, n, ceil(n / k))``; every
+    piece gets a new consecutive id. ``scene`` (n,) non-decreasing int ids -> (n,) int64."""
+    if seq_split_num < 1:
+        raise ValueError(f"seq_split_num must be >= 1, got {seq_split_num}")
+    if len(scene) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, starts, counts = np.unique(scene, return_index=True, return_counts=True)
+    order = np.argsort(starts)
+    starts, counts = starts[order], counts[order]
+    chunk = np.ceil(counts / seq_split_num).astype(np.int64)
+    pos = np.arange(len(scene)) - np.repeat(starts, counts)          # position inside the scene
+    sub = pos // np.repeat(chunk, counts)                               # piece inside the scene
+    n_pieces = np.ceil(counts / chunk).astype(np.int64)
+    first_id = np.concatenate([[0], np.cumsum(n_pieces)[:-1]])
+    return (np.repeat(first_id, counts) + sub).astype(np.int64)
+
+
+def _starts(ids: np.ndarray) -> np.ndarray:
+    s = np.ones(len(ids), dtype=bool)
+    s[1:] = ids[1:] != ids[:-1]
+    return s
+
+
+class NuScenesStreamingDataset(torch.utils.data.Dataset):
+    """Streaming nuScenes frames with the official augmentation.
+
+    Args:
+        infos: path of an official info pickle, or the loaded ``{'infos': ...}`` dict / record list.
+        aug: :class:`AugConfig` (``training`` selects the train or test transform).
+        data_root: optional root for image paths (see :func:`resolve_image_path`).
+        seq_split_num: sub-sequences per scene for training (official 2).
+        test_mode: prev_exists from scene changes, no 2D labels; default ``not aug.training``.
+        load_annotations: return 3D GT; default: when the records carry ``gt_boxes``.
+        with_2d / filter_invisible: the 2D-label branch of the train transform (official True).
+        class_names, pc_range: 3D class order and ObjectRangeFilter range (official defaults).
+        seed: base seed of the augmentation generator (see :meth:`reseed`).
+    """
+
+    def __init__(self, infos, aug: AugConfig, *, data_root: str | os.PathLike | None = None,
+                 seq_split_num: int = 2, test_mode: bool | None = None,
+                 load_annotations: bool | None = None, with_2d: bool = True,
+                 filter_invisible: bool = True, class_names: Sequence[str] = CLASS_NAMES,
+                 pc_range: Sequence[float] = PC_RANGE, seed: int = 0, validate: bool = True):
+        if isinstance(infos, (str, os.PathLike)):
+            self.source = str(infos)
+            records = load_info_file(infos, validate=validate)["infos"]
+        else:
+            self.source = "<infos>"
+            records = infos["infos"] if isinstance(infos, dict) else list(infos)
+            if validate:
+                validate_infos(records, self.source)
+        ts = np.array([float(r["timestamp"]) for r in records], dtype=np.float64)
+        order = np.argsort(ts, kind="stable")
+        self.infos = [records[i] for i in order]
+        self.aug = aug
+        self.data_root = data_root
+        self.test_mode = (not aug.training) if test_mode is None else bool(test_mode)
+        self.load_annotations = (bool(self.infos) and has_annotations(self.infos[0])) \
+            if load_annotations is None else bool(load_annotations)
+        self.with_2d = with_2d
+        self.filter_invisible = filter_invisible
+        self.class_names = tuple(class_names)
+        self.pc_range = tuple(float(v) for v in pc_range)
+        self.seq_split_num = int(seq_split_num)
+        self.scene_ids = scene_ids(self.infos)
+        self.group_ids = sequence_groups(self.scene_ids, self.seq_split_num)
+        starts = _starts(self.scene_ids) if self.test_mode else _starts(self.group_ids)
+        self.prev_exists = (~starts).astype(np.float32)
+        self.reseed(seed)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_ids.max()) + 1 if len(self.group_ids) else 0
+
+    def group_indices(self) -> list[list[int]]:
+        """Dataset indices of every sub-sequence, each in time order."""
+        bounds = np.flatnonzero(_starts(self.group_ids)).tolist() + [len(self)]
+        return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def scene_starts(self) -> np.ndarray:
+        """Indices where a scene starts (sorted)."""
+        return np.flatnonzero(_starts(self.scene_ids)) if len(self) else np.zeros(0, np.int64)
+
+    def reseed(self, seed: int, rank: int = 0, worker_id: int = 0) -> None:
+        """(Re)create the augmentation generator from ``(seed, rank, worker_id)``; called by the
+        DataLoader ``worker_init_fn`` in every worker (see :mod:`raydn.data.loader`)."""
+        self.seed = int(seed)
+        self.rng = np.random.default_rng([int(seed), int(rank), int(worker_id)])
+
+    # ------------------------------------------------------------------ item
+    def __getitem__(self, index) -> dict:
+        """``index``: a frame index, or ``(index, key)`` from a keyed sampler: the augmentation is
+        then drawn from ``default_rng([seed, *key])``, a function of the stream position only."""
+        rng = self.rng
+        if isinstance(index, (tuple, list)):
+            index, key = index
+            rng = np.random.default_rng([self.seed, *(int(k) for k in key)])
+        index = int(index)
+        if index < 0 or index >= len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} frames")
+        rec = self.infos[index]
+        cfg = self.aug
+        training = cfg.training
+        iap = sample_image_aug(cfg, rng if training else None)
+
+        # -- calibration (float64): lidar2cam, viewpad, augmented K
+        cams = [rec["cams"][c] for c in CAMERA_NAMES]
+        cam2lidar = pose_matrix(np.stack([np.asarray(c["sensor2lidar_rotation"], np.float64) for c in cams]),
+                                np.stack([np.asarray(c["sensor2lidar_translation"], np.float64).reshape(3)
+                                          for c in cams]))
+        rt = np.swapaxes(cam2lidar[:, :3, :3], 1, 2)
+        extr = np.zeros((6, 4, 4))
+        extr[:, :3, :3] = rt
+        extr[:, :3, 3] = -np.einsum("nij,nj->ni", rt, cam2lidar[:, :3, 3])
+        extr[:, 3, 3] = 1.0
+        intr = np.tile(np.eye(4), (6, 1, 1))
+        intr[:, :3, :3] = np.stack([np.asarray(c["cam_intrinsic"], np.float64) for c in cams])
+        intr[:, :3, :3] = ida_matrix(iap)[None] @ intr[:, :3, :3]
+        lidar2img = intr @ extr
+        ego_pose = pose_matrix(rec["ego2global_rotation"], rec["ego2global_translation"]) @ \
+            pose_matrix(rec["lidar2ego_rotation"], rec["lidar2ego_translation"])
+        ego_pose_inv = np.eye(4)
+        ego_pose_inv[:3, :3] = ego_pose[:3, :3].T
+        ego_pose_inv[:3, 3] = -ego_pose[:3, :3].T @ ego_pose[:3, 3]
+
+        # -- images
+        paths = [resolve_image_path(c["data_path"], self.data_root) for c in cams]
+        draft = _draft_size(cfg, iap)
+        imgs = np.stack([np.asarray(apply_image_aug(load_image(p, cfg.src_size, draft), iap, cfg.fast_resize))
+                         for p in paths])
+        images = pad_images(normalize_images(imgs, cfg.img_mean, cfg.img_std), cfg.size_divisor)
+
+        # -- annotations
+        gt_boxes = gt_labels = None
+        g2d = None
+        if self.load_annotations:
+            gt_boxes, gt_labels = self._boxes_3d(rec, index)
+            if training and not self.test_mode and self.with_2d and "bboxes2d" in rec:
+                g2d = self._labels_2d(rec, iap)
+        gap = sample_global_aug(cfg, rng if training else None)
+        if training:
+            lidar2img, ego_pose, ego_pose_inv, boxes9 = apply_global_rot_scale(
+                gap, lidar2img, ego_pose, ego_pose_inv,
+                gt_boxes if gt_boxes is not None else np.zeros((0, 9)))
+            if gt_boxes is not None:
+                gt_boxes = boxes9
+
+        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        fH, fW = cfg.final_dim
+        out = {
+            "images": images,
+            "intrinsics": f32(intr), "extrinsics": f32(extr), "lidar2img": f32(lidar2img),
+            "ego_pose": f32(ego_pose), "ego_pose_inv": f32(ego_pose_inv),
+            "timestamp": float(rec["timestamp"]) / 1e6,
+            "prev_exists": float(self.prev_exists[index]),
+            "gt_boxes": None if gt_boxes is None else f32(gt_boxes.reshape(-1, 9)),
+            "gt_labels": None if gt_labels is None else torch.from_numpy(gt_labels.astype(np.int64)),
+            "gt_boxes_2d": None, "gt_labels_2d": None, "centers_2d": None, "depths_2d": None,
+            "meta": {
+                "sample_token": rec["token"], "scene_token": rec["scene_token"], "index": index,
+                "img_timestamp": [float(c["timestamp"]) / 1e6 for c in cams],
+                "img_shape": (fH, fW), "pad_shape": tuple(images.shape[-2:]),
+                "image_paths": [str(p) for p in paths],
+                "aug": {"resize": iap.resize, "crop": iap.crop, "flip": iap.flip,
+                        "rot": gap.rot, "scale": gap.scale},
+            },
+        }
+        if g2d is not None:
+            out.update(g2d)
+        return out
+
+    def _boxes_3d(self, rec: dict, index: int):
+        """get_ann_info + ObjectRangeFilter + limit_yaw + ObjectNameFilter -> ((n, 9) f64, (n,) i64)."""
+        boxes = np.asarray(rec["gt_boxes"], dtype=np.float64).reshape(-1, 7)
+        n = len(boxes)
+        if "valid_flag" in rec:
+            mask = np.asarray(rec["valid_flag"], dtype=bool).reshape(n)
+        elif "num_lidar_pts" in rec:
+            mask = np.asarray(rec["num_lidar_pts"]).reshape(n) > 0
+        else:
+            mask = np.ones(n, dtype=bool)
+        if not np.isfinite(boxes[mask]).all():
+            raise DataError(f"{self.source}: sample {rec['token']}: field 'gt_boxes' contains NaN/inf")
+        vel = np.asarray(rec.get("gt_velocity", np.zeros((n, 2))), dtype=np.float64).reshape(n, 2).copy()
+        vel[np.isnan(vel[:, 0])] = 0.0
+        vel[~np.isfinite(vel)] = 0.0
+        names = np.asarray(rec["gt_names"]).reshape(n)[mask]
+        names = names.astype(str)
+        labels = np.full(len(names), -1, dtype=np.int64)
+        for ci, cname in enumerate(self.class_names):  # loop over the 10 classes, not over boxes
+            labels[names == cname] = ci
+        boxes = np.concatenate([boxes[mask], vel[mask]], axis=1)
+        keep = filter_boxes_range(boxes, self.pc_range)
+        boxes, labels = boxes[keep], labels[keep]
+        boxes[:, 6] = limit_yaw(boxes[:, 6])
+        keep = labels >= 0
+        return boxes[keep], labels[keep]
+
+    def _labels_2d(self, rec: dict, iap: ImageAugParams) -> dict:
+        """Per-camera 2D labels through ``_bboxes_transform`` and ``_filter_invisible``."""
+        fd = self.aug.final_dim
+        out = {"gt_boxes_2d": [], "gt_labels_2d": [], "centers_2d": [], "depths_2d": []}
+        for i in range(len(CAMERA_NAMES)):  # 6 cameras, per-camera variable-size label sets
+            b = np.asarray(rec["bboxes2d"][i], dtype=np.float64).reshape(-1, 4)
+            c = np.asarray(rec["centers2d"][i], dtype=np.float64).reshape(-1, 2)
+            lab = np.asarray(rec["labels2d"][i]).reshape(-1).astype(np.int64)
+            d = np.asarray(rec["depths"][i], dtype=np.float64).reshape(-1)
+            if not (len(b) == len(c) == len(lab) == len(d)):
+                raise DataError(f"{self.source}: sample {rec['token']}: 2D labels of camera "
+                                f"{CAMERA_NAMES[i]} have inconsistent lengths (bboxes2d {len(b)}, "
+                                f"centers2d {len(c)}, labels2d {len(lab)}, depths {len(d)})")
+            if len(b):
+                b, c, lab, d = transform_boxes_2d(b, c, lab, d, iap, fd)
+            if len(b) and self.filter_invisible:
+                b, c, lab, d = filter_invisible(b, c, lab, d, fd)
+            out["gt_boxes_2d"].append(torch.from_numpy(b.astype(np.float32).reshape(-1, 4)))
+            out["gt_labels_2d"].append(torch.from_numpy(lab.astype(np.int64).reshape(-1)))
+            out["centers_2d"].append(torch.from_numpy(c.astype(np.float32).reshape(-1, 2)))
+            out["depths_2d"].append(torch.from_numpy(d.astype(np.float32).reshape(-1)))
+        return out
+
+
+def _draft_size(cfg: AugConfig, p: ImageAugParams) -> tuple | None:
+    """Largest libjpeg DCT reduction (1/2, 1/4, 1/8) that divides the source size exactly and
+    still yields at least ``resize_dims``; ``None`` if disabled or not applicable."""
+    if not cfg.jpeg_draft:
+        return None
+    H, W = cfg.src_size
+    for f in (8, 4, 2):
+        if H % f == 0 and W % f == 0 and p.resize_dims[0] <= W // f and p.resize_dims[1] <= H // f:
+            return (W // f, H // f)
+    return None
