@@ -1,0 +1,253 @@
+"""Official RayDN / StreamPETR-RepDETR3D checkpoints <-> raydn state dicts (spec §11).
+
+Our detector uses the official top-level names (``img_backbone.``, ``img_neck.``,
+``img_roi_head.``, ``pts_bbox_head.``) and the head uses the official module paths, so the mapping
+is the identity after unwrapping (``state_dict`` / ``model`` wrappers, ``module.`` DDP prefix,
+``meta``/optimizer entries dropped). :data:`RENAMES` holds (official prefix -> our prefix) rules
+for any part that differs (none today). The 6 classification / regression branches are ONE
+module each officially and in raydn; the checkpoint lists all 6 copies, which must be identical.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from raydn.errors import CheckpointError
+
+#: (official key prefix, raydn key prefix) rename rules, applied first match wins.
+RENAMES: tuple[tuple[str, str], ...] = ()
+
+#: Module paths whose numbered children are tied copies of child 0.
+TIED_PREFIXES: tuple[str, ...] = ("pts_bbox_head.cls_branches.", "pts_bbox_head.reg_branches.")
+
+_WRAPPERS = ("state_dict", "model", "module")
+
+
+@dataclass
+class ConversionReport:
+    """Result of a conversion. Key lists are in raydn naming except ``unexpected`` /
+    ``dropped`` (official naming)."""
+    mapped: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
+    tied_mismatch: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    unwrapped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every expected key was found with the right shape, nothing was left over
+        and tied copies were identical."""
+        return not (self.missing or self.unexpected or self.shape_mismatch or self.tied_mismatch)
+
+    def summary(self, max_list: int = 20) -> str:
+        def block(title: str, items) -> list[str]:
+            items = list(items)
+            if not items:
+                return []
+            out = [f"  {title} ({len(items)}):"]
+            out += [f"    {k}" for k in items[:max_list]]
+            if len(items) > max_list:
+                out.append(f"    ... and {len(items) - max_list} more")
+            return out
+
+        groups: dict[str, int] = {}
+        for k in self.mapped:
+            top = k.split(".", 1)[0]
+            groups[top] = groups.get(top, 0) + 1
+        lines = [f"conversion {'OK' if self.ok else 'FAILED'}: {len(self.mapped)} keys mapped"
+                 + (" (" + ", ".join(f"{g}: {n}" for g, n in sorted(groups.items())) + ")" if groups else "")]
+        if self.unwrapped:
+            lines.append(f"  unwrapped: {', '.join(self.unwrapped)}")
+        if self.renamed:
+            lines.append(f"  renamed: {len(self.renamed)} keys")
+        lines += block("dropped non-tensor entries", self.dropped)
+        lines += block("missing (expected by the model, absent from the checkpoint)", self.missing)
+        lines += block("unexpected (in the checkpoint, unknown to the model)", self.unexpected)
+        lines += block("shape mismatch (key: checkpoint -> model)",
+                       [f"{k}: {tuple(a)} -> {tuple(b)}" for k, (a, b) in self.shape_mismatch.items()])
+        lines += block("tied copies that differ from copy 0", self.tied_mismatch)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _unwrap(sd: Mapping, report: ConversionReport) -> dict:
+    sd = dict(sd)
+    while True:
+        tensors = [k for k, v in sd.items() if isinstance(v, Tensor)]
+        if tensors:
+            break
+        for w in _WRAPPERS:
+            if isinstance(sd.get(w), Mapping):
+                report.unwrapped.append(w)
+                sd = dict(sd[w])
+                break
+        else:
+            raise CheckpointError("checkpoint: no tensors found (expected a state dict or a dict "
+                                  f"with one of {_WRAPPERS}); top-level keys: {sorted(sd)[:10]}")
+    if sd and all(k.startswith("module.") for k in sd if isinstance(sd[k], Tensor)):
+        report.unwrapped.append("module.")
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return sd
+
+
+def _rename(key: str, rules) -> str:
+    for src, dst in rules:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def _tied_parts(key: str):
+    """``pts_bbox_head.cls_branches.3.0.weight`` -> (prefix, 3, '0.weight') or None."""
+    for p in TIED_PREFIXES:
+        if key.startswith(p):
+            idx, _, rest = key[len(p):].partition(".")
+            if idx.isdigit():
+                return p, int(idx), rest
+    return None
+
+
+def expected_shapes(model_or_shapes) -> dict[str, tuple]:
+    """Expected ``{key: shape}`` from an ``nn.Module`` (its state dict), a mapping of keys to
+    shapes/tensors, or ``None`` (-> empty dict, no checking)."""
+    if model_or_shapes is None:
+        return {}
+    if isinstance(model_or_shapes, nn.Module):
+        return {k: tuple(v.shape) for k, v in model_or_shapes.state_dict().items()}
+    return {k: tuple(v.shape) if isinstance(v, Tensor) else tuple(v)
+            for k, v in model_or_shapes.items()}
+
+
+def read_key_list(path: str | os.PathLike) -> dict[str, tuple]:
+    """Parse an official key listing (``key<TAB>[d0, d1]<TAB>dtype`` per line, as
+    ``state_dict_keys.txt``) into ``{key: shape}``."""
+    out: dict[str, tuple] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise CheckpointError(f"{path}:{n}: expected 'key<TAB>[shape]<TAB>dtype', got {line!r}")
+        dims = parts[1].strip().strip("[]").strip()
+        out[parts[0]] = tuple(int(d) for d in dims.split(",") if d.strip()) if dims else ()
+    return out
+
+
+def convert_official_state_dict(sd: Mapping, expected=None,
+                                renames=RENAMES) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Map an official full-detector state dict (743 keys for R50) onto raydn names.
+
+    Args:
+        sd: the loaded checkpoint (plain state dict or wrapped in ``state_dict``/``model``,
+            optionally with ``module.`` prefixes and non-tensor entries such as ``meta``).
+        expected: a model, a ``{key: shape}`` mapping or None; when given, missing /
+            unexpected / shape-mismatched keys are reported (and unexpected keys dropped from
+            the result).
+        renames: prefix rename rules (official -> raydn).
+
+    Returns:
+        (state dict in raydn naming, :class:`ConversionReport`). Tensors are not copied.
+    """
+    report = ConversionReport()
+    sd = _unwrap(sd, report)
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            report.dropped.append(k)
+            continue
+        nk = _rename(k, renames)
+        if nk != k:
+            report.renamed[k] = nk
+        out[nk] = v
+    # tied branches: every copy must equal copy 0
+    for k, v in out.items():
+        parts = _tied_parts(k)
+        if parts and parts[1] > 0:
+            ref = out.get(f"{parts[0]}0.{parts[2]}")
+            if ref is None or ref.shape != v.shape or not torch.equal(ref, v):
+                report.tied_mismatch.append(k)
+    exp = expected_shapes(expected)
+    if exp:
+        report.missing = [k for k in exp if k not in out]
+        inverse = {v: k for k, v in report.renamed.items()}
+        report.unexpected = [inverse.get(k, k) for k in out if k not in exp]
+        for k in list(out):
+            if k not in exp:
+                del out[k]
+            elif tuple(out[k].shape) != exp[k]:
+                report.shape_mismatch[k] = (tuple(out[k].shape), exp[k])
+    report.mapped = [k for k in out if k not in report.shape_mismatch]
+    return out, report
+
+
+def to_official_state_dict(our_sd: Mapping[str, Tensor], renames=RENAMES) -> dict[str, Tensor]:
+    """Inverse of :func:`convert_official_state_dict` (raydn -> official names). Tied branch
+    copies are kept (raydn's state dict lists all of them, as the official one does)."""
+    inverse = tuple((dst, src) for src, dst in renames)
+    return {_rename(k, inverse): v for k, v in our_sd.items()}
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Sub-state-dict of the keys under ``prefix`` (e.g. ``'pts_bbox_head.'``), prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def add_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
+    """``torch.load`` on CPU with ``weights_only=True``; a file that needs arbitrary unpickling
+    raises :class:`CheckpointError` unless ``trust=True`` (only for files you trust)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: the checkpoint needs unsafe unpickling (it stores Python objects besides "
+            f"tensors, e.g. in 'meta'); re-save its 'state_dict' only, or pass trust=True / "
+            f"--trust-checkpoint if you trust the file. ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from None
+
+
+def load_official_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True,
+                             trust: bool = False) -> ConversionReport:
+    """Load an official checkpoint file into ``model`` (whose keys use the official top-level
+    names). With ``strict`` any missing/unexpected/shape-mismatched key or differing tied copy
+    raises :class:`CheckpointError` (message = the report); otherwise matching keys are loaded."""
+    sd, report = convert_official_state_dict(load_checkpoint_file(path, trust), expected=model)
+    if strict and not report.ok:
+        raise CheckpointError(f"{path}: checkpoint does not match the model\n{report.summary()}")
+    loadable = {k: v for k, v in sd.items() if k not in report.shape_mismatch}
+    model.load_state_dict(loadable, strict=strict)
+    return report
+
+
+def save_state_dict_atomic(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the target folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(dict(sd), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,298 @@
+"""The RayDN head (official ``RayDNHead`` = StreamPETR ``SparseHead`` + ray denoising), spec §5.
+
+Pure function of its inputs: ``outputs, new_state = head(feats, batch, state)``; the temporal
+object-query memory (spec §5.4) lives in an explicit :class:`TemporalState`, never in module
+attributes. Parameter names equal the official checkpoint keys (``pts_bbox_head.`` stripped).
+
+Frames/units: reference points are normalised to the point-cloud range; memory reference points
+are metres (global frame between frames, current LiDAR frame inside a forward); timestamps are
+float64 seconds; box predictions are ``[x, y, z (metres, gravity centre), log l, log w, log h,
+sin yaw, cos yaw, vx, vy]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from raydn.config import HeadConfig
+from raydn.data.batch import FrameBatch
+from raydn.geometry import (
+    denormalize_points, inverse_sigmoid, nerf_positional_encoding, normalize_points,
+    pos2posemb1d, pos2posemb3d,
+)
+from raydn.models.layers import (
+    MLN, bias_init_with_prob, build_cls_branch, build_reg_branch, tied_module_list,
+)
+from raydn.models.state import TemporalState
+from raydn.models.transformer import build_transformer
+
+
+def _transform_homogeneous(points: Tensor, matrix: Tensor) -> Tensor:
+    """points (B, L, 3), matrix (B, 4, 4) -> (B, L, 3) as ``(T @ [p; 1])[:3]`` with full 4x4
+    products (the official ``transform_reference_points``; memory points are global
+    coordinates ~1e3 m, so the exact operation order keeps float32 parity at the ulp level)."""
+    ph = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
+    return (matrix.unsqueeze(1) @ ph.unsqueeze(-1)).squeeze(-1)[..., :3]
+
+
+@dataclass
+class _Memory:
+    """Memory inside one forward after ``pre_update`` (current LiDAR frame, ages in seconds)."""
+    embedding: Tensor        # (B, M, C)
+    reference_point: Tensor  # (B, M, 3) metres, current LiDAR frame
+    timestamp: Tensor        # (B, M, 1) float64 age t_now - t_insert
+    egopose: Tensor          # (B, M, 4, 4) insertion frame -> current frame
+    velo: Tensor             # (B, M, 2)
+
+
+class RayDNHead(nn.Module):
+    """Sparse deformable head with StreamPETR temporal memory and (training) ray denoising."""
+
+    def __init__(self, cfg: HeadConfig, *, sampler: str = "gather"):
+        """``sampler``: deformable sampling implementation, ``"gather"`` (fast, default) or
+        ``"grid_sample"`` (reference); both give the same result up to float rounding."""
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.embed_dims
+        self.embed_dims = C
+        self.num_classes = cfg.num_classes
+        self.num_query = cfg.num_query
+        self.num_propagated = cfg.num_propagated
+        self.memory_len = cfg.memory_len
+        self.topk_proposals = cfg.topk_proposals
+        if cfg.num_propagated > cfg.memory_len or cfg.topk_proposals > cfg.num_query + cfg.num_propagated:
+            raise ValueError("HeadConfig: need num_propagated <= memory_len and "
+                             "topk_proposals <= num_query + num_propagated")
+
+        cls_branch = build_cls_branch(C, cfg.num_classes, cfg.num_reg_fcs)
+        reg_branch = build_reg_branch(C, cfg.code_size, cfg.num_reg_fcs)
+        self.cls_branches = tied_module_list(cls_branch, cfg.num_layers)
+        self.reg_branches = tied_module_list(reg_branch, cfg.num_layers)
+
+        self.reference_points = nn.Embedding(cfg.num_query, 3)
+        if cfg.num_propagated > 0:
+            self.pseudo_reference_points = nn.Embedding(cfg.num_propagated, 3)
+        self.query_embedding = nn.Sequential(nn.Linear(C * 3 // 2, C), nn.ReLU(), nn.Linear(C, C))
+        self.spatial_alignment = MLN(14, C, use_ln=False)
+        self.time_embedding = nn.Sequential(nn.Linear(C, C), nn.LayerNorm(C))
+        if cfg.with_ego_pos:
+            self.ego_pose_pe = MLN(180, C)
+            self.ego_pose_memory = MLN(180, C)
+
+        self.transformer = build_transformer(
+            embed_dims=C, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+            num_groups=cfg.num_groups, num_levels=cfg.num_levels, num_cams=cfg.num_cams,
+            num_pts=cfg.num_points, ffn_dims=cfg.ffn_dims, dropout=cfg.dropout,
+            checkpoint_layers=cfg.checkpoint_layers, sampler=sampler)
+
+        # Frozen official "parameters" (kept as Parameters so the checkpoint keys match).
+        self.code_weights = nn.Parameter(torch.tensor(cfg.loss.code_weights[:cfg.code_size],
+                                                      dtype=torch.float32), requires_grad=False)
+        self.match_costs = nn.Parameter(self.code_weights.detach().clone(), requires_grad=False)
+        self.pc_range = nn.Parameter(torch.tensor(cfg.pc_range, dtype=torch.float32),
+                                     requires_grad=False)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """Official ``init_weights`` (spec §5.1, §7.3)."""
+        nn.init.uniform_(self.reference_points.weight, 0, 1)
+        if self.num_propagated > 0:
+            nn.init.uniform_(self.pseudo_reference_points.weight, 0, 1)
+            self.pseudo_reference_points.weight.requires_grad = False
+        self.transformer.init_weights()
+        nn.init.constant_(self.cls_branches[0][-1].bias, bias_init_with_prob(0.01))
+
+    def init_state(self, batch_size: int, device=None) -> TemporalState:
+        """Fresh memory: zeros, M rows (timestamps float64)."""
+        return TemporalState.zeros(batch_size, self.memory_len, self.embed_dims, device=device)
+
+    # ---------------------------------------------------------------- memory
+    def _pre_update(self, state: TemporalState | None, batch: FrameBatch, B: int,
+                    device, dtype) -> _Memory:
+        """Official ``pre_update_memory``: bring the memory into the current LiDAR frame,
+        reset rows of slots whose sequence starts (``prev_exists == 0``), seed the first P rows
+        of reset slots with the frozen pseudo reference points (spec §5.4)."""
+        M, C, P = self.memory_len, self.embed_dims, self.num_propagated
+        x = batch.prev_exists.to(device=device, dtype=dtype).reshape(B)
+        if state is None:  # official "memory is None": zeros, no transform
+            mem = _Memory(x.new_zeros(B, M, C), x.new_zeros(B, M, 3),
+                          torch.zeros(B, M, 1, dtype=torch.float64, device=device),
+                          x.new_zeros(B, M, 4, 4), x.new_zeros(B, M, 2))
+        else:
+            if state.embedding.shape[:2] != (B, M):
+                raise ValueError(f"TemporalState.embedding: expected (B={B}, M={M}, ...), "
+                                 f"got {tuple(state.embedding.shape)}")
+            inv = batch.ego_pose_inv.to(device=device, dtype=dtype)
+            t_now = batch.timestamp.to(device=device, dtype=torch.float64).view(B, 1, 1)
+            xd = x.to(torch.float64).view(B, 1, 1)
+            ts = (state.timestamp.to(torch.float64) + t_now) * xd
+            egopose = (inv.unsqueeze(1) @ state.egopose) * x.view(B, 1, 1, 1)
+            ref = _transform_homogeneous(state.reference_point, inv) * x.view(B, 1, 1)
+            mem = _Memory(state.embedding * x.view(B, 1, 1), ref, ts, egopose,
+                          state.velo * x.view(B, 1, 1))
+        if P > 0:
+            pseudo = denormalize_points(self.pseudo_reference_points.weight, self.pc_range)
+            r = (1 - x).view(B, 1, 1)
+            ref = torch.cat([mem.reference_point[:, :P] + r * pseudo, mem.reference_point[:, P:]], 1)
+            eye = torch.eye(4, device=device, dtype=dtype)
+            ego = torch.cat([mem.egopose[:, :P] + r.unsqueeze(-1) * eye, mem.egopose[:, P:]], 1)
+            mem = _Memory(mem.embedding, ref, mem.timestamp, ego, mem.velo)
+        return mem
+
+    def _post_update(self, mem: _Memory, batch: FrameBatch, cls_last: Tensor, bbox_last: Tensor,
+                     dec_last: Tensor) -> TemporalState:
+        """Official ``post_update_memory`` on the non-DN slots of the last layer: prepend the
+        top-K queries (detached) and move everything to the global frame; keep M rows."""
+        B, M, K = cls_last.shape[0], self.memory_len, self.topk_proposals
+        score = cls_last.detach().sigmoid().amax(dim=-1)                          # (B, Q+P)
+        idx = torch.topk(score, K, dim=1).indices                                  # (B, K)
+        rec_ref = torch.gather(bbox_last[..., :3].detach(), 1, idx[..., None].expand(-1, -1, 3))
+        rec_velo = torch.gather(bbox_last[..., -2:].detach(), 1, idx[..., None].expand(-1, -1, 2))
+        rec_emb = torch.gather(dec_last.detach(), 1, idx[..., None].expand(-1, -1, dec_last.shape[-1]))
+        eye = torch.eye(4, device=bbox_last.device, dtype=bbox_last.dtype).expand(B, K, 4, 4)
+        ego = batch.ego_pose.to(device=bbox_last.device, dtype=bbox_last.dtype)
+        t_now = batch.timestamp.to(device=bbox_last.device, dtype=torch.float64).view(B, 1, 1)
+        ref = torch.cat([rec_ref, mem.reference_point.detach()], 1)[:, :M]
+        return TemporalState(
+            embedding=torch.cat([rec_emb, mem.embedding.detach()], 1)[:, :M],
+            reference_point=_transform_homogeneous(ref, ego),
+            timestamp=torch.cat([torch.zeros(B, K, 1, dtype=torch.float64, device=ref.device),
+                                 mem.timestamp], 1)[:, :M] - t_now,
+            egopose=ego.unsqueeze(1) @ torch.cat([eye, mem.egopose.detach()], 1)[:, :M],
+            velo=torch.cat([rec_velo, mem.velo.detach()], 1)[:, :M],
+        )
+
+    # --------------------------------------------------------------- pieces
+    def _flatten_features(self, feats: list[Tensor], batch: FrameBatch):
+        """Camera-aware MLN on every level, flattened: (B*N, sumHW, C), shapes, starts."""
+        B, N = feats[0].shape[:2]
+        dtype = self.reference_points.weight.dtype
+        intr = batch.intrinsics.to(feats[0].device, dtype) / 1e3
+        extr = batch.extrinsics.to(feats[0].device, dtype)[..., :3, :]
+        mln_in = torch.cat([intr[..., 0, 0:1], intr[..., 1, 1:2], extr.flatten(-2)], dim=-1)
+        mln_in = mln_in.flatten(0, 1).unsqueeze(1)                                 # (B*N, 1, 14)
+        shapes, flat = [], []
+        for f in feats:  # loop over the 4 levels
+            _, _, Cf, H, W = f.shape
+            flat.append(f.reshape(B * N, Cf, H * W).transpose(1, 2).to(dtype))
+            shapes.append((int(H), int(W)))
+        feat_flatten = self.spatial_alignment(torch.cat(flat, dim=1), mln_in)
+        starts, s = [], 0
+        for H, W in shapes:
+            starts.append(s)
+            s += H * W
+        return feat_flatten, shapes, starts
+
+    def _temporal_alignment(self, query_pos: Tensor, tgt: Tensor, ref: Tensor, mem: _Memory):
+        """Official ``temporal_alignment`` (spec §5.5). Returns tgt, query_pos, ref (with the P
+        propagated rows appended), temp_memory, temp_pos (the M - P remaining rows)."""
+        P = self.num_propagated
+        temp_ref = normalize_points(mem.reference_point, self.pc_range)
+        temp_pos = self.query_embedding(pos2posemb3d(temp_ref, self.embed_dims // 2))
+        temp_memory = mem.embedding
+        if self.cfg.with_ego_pos:
+            eye = torch.eye(4, device=ref.device, dtype=ref.dtype)[:3].flatten()
+            rec_motion = torch.cat([ref.new_zeros(3), eye]).expand(*ref.shape[:2], 15)
+            rec_motion = nerf_positional_encoding(rec_motion)
+            tgt = self.ego_pose_memory(tgt, rec_motion)
+            query_pos = self.ego_pose_pe(query_pos, rec_motion)
+            mem_motion = torch.cat([mem.velo, mem.timestamp.to(mem.velo.dtype),
+                                    mem.egopose[..., :3, :].flatten(-2)], dim=-1)
+            mem_motion = nerf_positional_encoding(mem_motion)
+            temp_pos = self.ego_pose_pe(temp_pos, mem_motion)
+            temp_memory = self.ego_pose_memory(temp_memory, mem_motion)
+        query_pos = query_pos + self.time_embedding(pos2posemb1d(torch.zeros_like(ref[..., :1]), self.embed_dims))
+        temp_pos = temp_pos + self.time_embedding(
+            pos2posemb1d(mem.timestamp, self.embed_dims).to(temp_pos.dtype))
+        if P > 0:
+            tgt = torch.cat([tgt, temp_memory[:, :P]], dim=1)
+            query_pos = torch.cat([query_pos, temp_pos[:, :P]], dim=1)
+            ref = torch.cat([ref, temp_ref[:, :P]], dim=1)
+            temp_memory, temp_pos = temp_memory[:, P:], temp_pos[:, P:]
+        return tgt, query_pos, ref, temp_memory, temp_pos
+
+    def _predict(self, outs_dec: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+        """Shared branches on every layer with the SAME reference points (no refinement).
+        outs_dec (L, B, Q', C), ref (B, Q', 3) -> cls (L, B, Q', K), boxes (L, B, Q', 10)."""
+        reference = inverse_sigmoid(ref)
+        cls, box = [], []
+        for lvl in range(outs_dec.shape[0]):  # loop over decoder layers
+            cls.append(self.cls_branches[lvl](outs_dec[lvl]))
+            tmp = self.reg_branches[lvl](outs_dec[lvl])
+            centre = denormalize_points((tmp[..., :3] + reference).sigmoid(), self.pc_range)
+            box.append(torch.cat([centre, tmp[..., 3:]], dim=-1))
+        return torch.stack(cls), torch.stack(box)
+
+    def _denoising(self, batch: FrameBatch, B: int):
+        if not (self.training and self.cfg.denoising.enabled and batch.has_targets):
+            return None
+        if sum(int(b.shape[0]) for b in batch.gt_boxes) == 0:
+            return None
+        from raydn.models.denoising import build_denoising_queries  # written concurrently
+        dev = self.reference_points.weight.device
+        return build_denoising_queries(
+            [b.to(dev) for b in batch.gt_boxes], [l.to(dev) for l in batch.gt_labels],
+            self.reference_points.weight, batch.lidar2img.to(dev), tuple(batch.pad_shape),
+            self.cfg.denoising, pc_range=self.cfg.pc_range, num_classes=self.num_classes,
+            num_propagated=self.num_propagated, memory_len=self.memory_len)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, feats: list[Tensor], batch: FrameBatch, state: TemporalState | None,
+                return_intermediates: bool = False) -> tuple[dict, TemporalState]:
+        """One frame.
+
+        Args:
+            feats: ``num_levels`` tensors (B, N, C, H_l, W_l) (strides 8..64 for R50).
+            batch: calibration/poses/timestamps (and GT in training) of the frame.
+            state: memory from the previous frame of every slot, or None (fresh zeros; the
+                official "memory is None": no transform is applied).
+            return_intermediates: also return the transformer inputs/outputs.
+
+        Returns:
+            (outputs, new_state). outputs: ``all_cls_scores`` (L, B, Q+P, classes) logits,
+            ``all_bbox_preds`` (L, B, Q+P, 10), ``dn`` (:class:`DenoisingQueries` or None),
+            ``dn_cls_scores`` / ``dn_bbox_preds`` (L, B, D, .) or None.
+        """
+        if len(feats) != self.cfg.num_levels:
+            raise ValueError(f"RayDNHead: expected {self.cfg.num_levels} feature levels, got {len(feats)}")
+        B = feats[0].shape[0]
+        device, dtype = feats[0].device, self.reference_points.weight.dtype
+        mem = self._pre_update(state, batch, B, device, dtype)
+        feat_flatten, shapes, starts = self._flatten_features(feats, batch)
+
+        dn = self._denoising(batch, B)
+        if dn is not None:
+            ref, attn_mask, D = dn.reference_points, dn.attn_mask, int(dn.pad_size)
+        else:
+            ref = self.reference_points.weight.unsqueeze(0).expand(B, -1, -1)
+            attn_mask, D = None, 0
+        query_pos = self.query_embedding(pos2posemb3d(ref, self.embed_dims // 2))
+        tgt = torch.zeros_like(query_pos)
+        tgt, query_pos, ref, temp_memory, temp_pos = self._temporal_alignment(query_pos, tgt, ref, mem)
+
+        lidar2img = batch.lidar2img.to(device, dtype)
+        outs_dec = self.transformer(tgt, query_pos, feat_flatten, shapes, starts, temp_memory,
+                                    temp_pos, attn_mask, ref, lidar2img, tuple(batch.pad_shape),
+                                    self.cfg.pc_range)
+        outs_dec = torch.nan_to_num(outs_dec)
+        all_cls, all_box = self._predict(outs_dec, ref)
+
+        new_state = self._post_update(mem, batch, all_cls[-1, :, D:], all_box[-1, :, D:],
+                                      outs_dec[-1, :, D:])
+        out = {
+            "all_cls_scores": all_cls[:, :, D:], "all_bbox_preds": all_box[:, :, D:], "dn": dn,
+            "dn_cls_scores": all_cls[:, :, :D] if dn is not None else None,
+            "dn_bbox_preds": all_box[:, :, :D] if dn is not None else None,
+        }
+        if return_intermediates:
+            out.update(tgt=tgt, query_pos=query_pos, temp_memory=temp_memory, temp_pos=temp_pos,
+                       reference_points=ref, attn_mask=attn_mask, outs_dec=outs_dec)
+        return out, new_state
+
+
+def build_head(cfg: HeadConfig, *, sampler: str = "gather") -> RayDNHead:
+    """Explicit builder of the RayDN head."""
+    return RayDNHead(cfg, sampler=sampler)
