@@ -99,7 +99,7 @@ def _tiny(ray: bool) -> Preset:
     train = TrainConfig(total_batch_size=2, lr=2e-3, backbone_lr_mult=1.0, epochs=20, warmup_iters=50,
                         amp="none", grad_checkpoint=False, seq_split_num=2,
                         aug=AugConfig(final_dim=(128, 352), resize_lim=(0.21, 0.25),
-                                      rot_range=(-0.2, 0.2)))
+                                      rot_range=(-0.2, 0.2), jpeg_draft=True))
     name = "tiny_raydn" if ray else "tiny_repdetr3d"
     return Preset(name=name, model=model, train=train,
                   description="tiny CPU model (tests, demo): 128x352, 64-d head, 3 layers"

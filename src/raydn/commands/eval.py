@@ -1,0 +1,65 @@
+"""``raydn eval``: streaming inference in scene order + the official nuScenes metric."""
+from __future__ import annotations
+
+HELP = "evaluate a checkpoint: streaming inference, nuScenes submission JSON, official metric"
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True,
+                   help="raydn checkpoint (training checkpoint or `raydn convert` output)")
+    p.add_argument("--data", required=True, help="val/test info pickle (from `raydn prepare`)")
+    p.add_argument("--dataroot", required=True, help="nuScenes dataroot (for the metric's GT)")
+    p.add_argument("--version", default=None,
+                   help="nuScenes version (default: from the info file's metadata)")
+    p.add_argument("--eval-set", default=None, help="split to score (default: val / mini_val)")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    p.add_argument("--evaluator", choices=["devkit", "fast", "both"], default="devkit",
+                   help="official devkit metric, our fast evaluator, or both (cross-checked)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--format-only", action="store_true",
+                   help="write the submission JSON only (e.g. for the test split)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from raydn.data.dataset import NuScenesStreamingDataset
+    from raydn.data.infos import load_info_file
+    from raydn.engine.distributed import cleanup_distributed, setup_distributed
+    from raydn.engine.infer import evaluate_submission, stream_inference, write_submission
+    from raydn.interop.convert import load_model
+    from raydn.presets import get_preset
+
+    dist = setup_distributed(args.device)
+    try:
+        model = load_model(args.checkpoint).to(dist.device).eval()
+        info = load_info_file(args.data)
+        version = args.version or info.get("metadata", {}).get("version", "v1.0-trainval")
+        aug = get_preset(model.preset).train.aug if model.preset else None
+        from dataclasses import replace
+        aug = replace(aug, training=False)
+        dataset = NuScenesStreamingDataset(info, aug, test_mode=True, validate=False)
+        dets, _ = stream_inference(model, dataset, rank=dist.rank, world_size=dist.world_size,
+                                   num_workers=args.workers, progress=not args.no_progress)
+        if not dist.is_main:
+            return 0
+        out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        path = write_submission(dets, dataset.infos, out / "results_nusc.json")
+        print(f"submission: {path} ({len(dataset)} samples)")
+        if args.format_only:
+            return 0
+        rep = evaluate_submission(path, dataroot=args.dataroot, version=version,
+                                  eval_set=args.eval_set, out_dir=out, evaluator=args.evaluator,
+                                  plots=not args.no_plots)
+        if rep.metrics is not None and rep.fast_metrics is not None:
+            d = abs(rep.metrics["nd_score"] - rep.fast_metrics["nd_score"])
+            print(f"fast evaluator vs devkit: |dNDS| = {d:.2e} "
+                  f"(devkit {rep.seconds['devkit']:.1f}s, fast {rep.seconds['fast']:.2f}s)")
+        print(f"metrics written to {out}")
+        return 0
+    finally:
+        cleanup_distributed()
