@@ -153,7 +153,10 @@ def test_cli_convert(official_dir, tmp_path, capsys):
     assert cli_main(["convert", str(src), str(out), "--keys", keys]) == 0
     assert "conversion OK: 743 keys mapped" in capsys.readouterr().out
     loaded = torch.load(out, weights_only=True)
-    assert len(loaded) == 743 and torch.equal(loaded["img_backbone.conv1.weight"], sd["img_backbone.conv1.weight"])
+    assert loaded["format"] == "raydn-model/1" and loaded["preset"] == "r50_raydn"  # detected
+    model_sd = loaded["model"]
+    assert len(model_sd) == 743
+    assert torch.equal(model_sd["img_backbone.conv1.weight"], sd["img_backbone.conv1.weight"])
     assert not list(out.parent.glob("*.tmp"))
     # mismatch -> exit 1, nothing written
     bad = dict(sd)
