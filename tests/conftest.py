@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning OpenMP threads
+
 import pytest
 import torch
 
@@ -17,7 +19,9 @@ FIXTURES = SHARED / "fixtures" / "official"
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # under pytest-xdist every worker gets one thread (no oversubscription of the 2 cores)
+    threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
 
 
 @pytest.fixture(scope="session")

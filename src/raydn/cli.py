@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# OpenMP threads that spin while waiting make every parallel op cost milliseconds as soon as the
+# cores are shared (data-loader workers, other processes); passive waiting avoids it. Must be set
+# before torch is imported; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from raydn import __version__
 

@@ -25,7 +25,7 @@ def case():
     return load_fixture("forward_case_0.pt")
 
 
-def _build_head(sampler: str = "gather") -> RayDNHead:
+def _build_head(sampler: str = "fused") -> RayDNHead:
     official = load_fixture("head_weights.pt")
     sd, report = convert_official_state_dict(add_prefix(official, "pts_bbox_head."))
     assert report.ok and not report.tied_mismatch

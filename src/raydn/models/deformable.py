@@ -167,8 +167,13 @@ def deformable_sample_gather(value: Tensor | GroupedValue,
 deformable_sample_gather.prepare = group_value  # type: ignore[attr-defined]
 
 
-#: Available sampler implementations (explicit table; a fused op can be added later).
+from raydn.models.deformable_fast import deformable_sample_fused  # noqa: E402
+
+#: Available sampler implementations (explicit table). "fused" (default of the head): custom
+#: autograd op with a hand-written backward (see :mod:`raydn.models.deformable_fast`);
+#: "gather": embedding-bag forward with autograd backward; "grid_sample": the plain reference.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "fused": deformable_sample_fused,
     "grid_sample": deformable_sample,
     "gather": deformable_sample_gather,
 }

@@ -50,8 +50,8 @@ class _Memory:
 class RayDNHead(nn.Module):
     """Sparse deformable head with StreamPETR temporal memory and (training) ray denoising."""
 
-    def __init__(self, cfg: HeadConfig, *, sampler: str = "gather"):
-        """``sampler``: deformable sampling implementation, ``"gather"`` (fast, default) or
+    def __init__(self, cfg: HeadConfig, *, sampler: str = "fused"):
+        """``sampler``: deformable sampling implementation, ``"fused"`` (custom autograd op, default), ``"gather"`` or
         ``"grid_sample"`` (reference); both give the same result up to float rounding."""
         super().__init__()
         self.cfg = cfg
@@ -293,6 +293,6 @@ class RayDNHead(nn.Module):
         return out, new_state
 
 
-def build_head(cfg: HeadConfig, *, sampler: str = "gather") -> RayDNHead:
+def build_head(cfg: HeadConfig, *, sampler: str = "fused") -> RayDNHead:
     """Explicit builder of the RayDN head."""
     return RayDNHead(cfg, sampler=sampler)

@@ -260,7 +260,7 @@ def build_transformer(embed_dims: int = 256, num_layers: int = 6, num_heads: int
                       num_groups: int = 8, num_levels: int = 4, num_cams: int = 6,
                       num_pts: int = 13, ffn_dims: int = 1024, dropout: float = 0.1,
                       checkpoint_layers: bool = False,
-                      sampler: str = "gather") -> Detr3DTransformer:
+                      sampler: str = "fused") -> Detr3DTransformer:
     """Build the decoder stack with the official initialisation (spec §7.3). ``sampler`` names
     the deformable sampling implementation (:data:`raydn.models.deformable.SAMPLERS`)."""
     fn = get_sampler(sampler)
