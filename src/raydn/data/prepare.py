@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from raydn.errors import DataError
+from raydn.io import atomic_write_json
 from raydn.geometry import CAMERA_NAMES
 
 #: mmdet3d ``NuScenesDataset.NameMapping``.
@@ -273,10 +274,8 @@ def _split_scenes(nusc, version: str):
 
 
 def _atomic_pickle(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
-    os.replace(tmp, path)
+    from raydn.io import atomic_write_bytes
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
 
 
 def info_paths(out_dir, version: str) -> dict[str, Path]:
@@ -345,8 +344,6 @@ def prepare_infos(dataroot, version: str, out_dir, progress: bool = True, force:
         data = dict(infos=infos["train"] if split == "test" else infos[split], metadata=metadata)
         _atomic_pickle(data, paths[split])
         stamps[split] = stamp
-        tmp = stamp_path.with_name(stamp_path.name + ".tmp")
-        tmp.write_text(json.dumps(stamps, sort_keys=True))
-        os.replace(tmp, stamp_path)
+        atomic_write_json(stamp_path, stamps, sort_keys=True)
     del val_scenes
     return paths

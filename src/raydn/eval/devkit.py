@@ -4,9 +4,7 @@ Needs the optional dependency ``nuscenes-devkit`` (``pip install raydn[nuscenes]
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Any
 
 from raydn.errors import DataError
@@ -14,16 +12,8 @@ from raydn.eval.fast_eval import format_summary
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from raydn.io import atomic_write_json
+    atomic_write_json(path, obj, indent=2)
 
 
 def run_devkit_eval(result_path: str | os.PathLike, dataroot: str | os.PathLike, version: str,

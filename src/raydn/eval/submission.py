@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -202,19 +201,9 @@ def build_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], **
 def write_results_json(path: str | os.PathLike, results: Mapping[str, list], meta: Mapping | None = None) -> str:
     """Write ``{"meta": meta, "results": results}`` atomically (temp file + ``os.replace``).
     ``meta`` defaults to the official camera-only block. Returns the path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": dict(SUBMISSION_META if meta is None else meta), "results": results}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from raydn.io import atomic_write_json
+    atomic_write_json(path, {"meta": dict(SUBMISSION_META if meta is None else meta), "results": results})
+    return os.fspath(path)
 
 
 def load_results_arrays(result_path: str | os.PathLike, ego_translation: Mapping[str, Sequence[float]],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -134,18 +133,10 @@ def render_frame(images: np.ndarray, lidar2img: torch.Tensor, pred: dict | None,
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    from raydn.io import atomic_path
+    with atomic_path(path) as tmp:
         image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
@@ -166,11 +157,8 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
+    from raydn.io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

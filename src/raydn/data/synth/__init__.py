@@ -34,14 +34,7 @@ from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
 __all__ = ["generate_world", "scene_names", "render_instance_masks", "simulate_scene"]
 
 _VERSIONS = {"mini": "v1.0-mini", "trainval": "v1.0-trainval"}
-_NAME_TO_CLASS = {
-    "movable_object.barrier": "barrier", "vehicle.bicycle": "bicycle", "vehicle.bus.bendy": "bus",
-    "vehicle.bus.rigid": "bus", "vehicle.car": "car", "vehicle.construction": "construction_vehicle",
-    "vehicle.motorcycle": "motorcycle", "human.pedestrian.adult": "pedestrian",
-    "human.pedestrian.child": "pedestrian", "human.pedestrian.construction_worker": "pedestrian",
-    "human.pedestrian.police_officer": "pedestrian", "movable_object.trafficcone": "traffic_cone",
-    "vehicle.trailer": "trailer", "vehicle.truck": "truck",
-}
+from raydn.data.prepare import NAME_MAPPING as _NAME_TO_CLASS  # noqa: E402  (mmdet3d NameMapping)
 
 
 def scene_names(n_scenes: int, split: str = "mini") -> list[str]:
