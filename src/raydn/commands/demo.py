@@ -17,7 +17,8 @@ def add_arguments(p):
     p.add_argument("--preset", default="tiny_raydn")
     p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (8 train + 2 val)")
     p.add_argument("--samples-per-scene", type=int, default=40)
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: preset's)")
+    p.add_argument("--iters", type=int, default=1500,
+                   help="training iterations (default 1500: about 10 minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--frames", type=int, default=4, help="frames to render")
@@ -48,7 +49,7 @@ def run(args) -> int:
     progress = not args.no_progress
     scenes, spp, iters = args.scenes, args.samples_per_scene, args.iters
     if args.quick:
-        scenes, spp, iters = 5, 6, iters or 12
+        scenes, spp, iters = 5, 6, 12
     timings = {}
     torch.manual_seed(args.seed)
 
