@@ -1,11 +1,19 @@
-"""``raydn convert OFFICIAL.pth OUT.pt``: official RayDN/StreamPETR checkpoint -> raydn state dict."""
+"""``raydn convert OFFICIAL.pth OUT.pt``: official RayDN/StreamPETR checkpoint -> raydn model file.
+
+The output is ``{"format": "raydn-model/1", "preset": NAME, "model": state_dict, "source": ...}``
+(tensors and strings only, loads with ``weights_only=True``); ``raydn eval`` and
+``raydn.interop.convert.load_model`` build the named preset from it. The input is read with
+``weights_only=True`` unless ``--trust-checkpoint`` is given.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from raydn.errors import CheckpointError
 
-HELP = "convert an official RayDN / StreamPETR (RepDETR3D) checkpoint to a raydn state dict"
+HELP = "convert an official RayDN / StreamPETR (RepDETR3D) checkpoint to a raydn model file"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,47 +21,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output file (.pt), written atomically")
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--preset", default=None,
-                   help="check keys/shapes against the model of this preset (e.g. r50_raydn)")
+                   help="check keys/shapes against the model of this preset (e.g. r50_raydn) and "
+                        "record it in the output (default: detected from the keys and shapes)")
     g.add_argument("--keys", default=None,
-                   help="check against an official key listing (key<TAB>[shape]<TAB>dtype lines)")
+                   help="check against an official key listing (key<TAB>[shape]<TAB>dtype lines); "
+                        "the preset is then detected if one matches")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow full unpickling of the input (only for files you trust)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="write the output even if the report shows problems (exit code stays 1)")
 
 
-def _expected_from_preset(name: str):
+def _preset_model_shapes(name: str) -> dict:
+    from raydn.interop.convert import preset_shapes
+    from raydn.presets import get_preset
     try:
-        from raydn.presets import get_preset  # the lead's preset table
-        from raydn.models.detector import build_detector
-    except ImportError as e:
-        raise CheckpointError(f"--preset {name}: presets/detector are not available in this "
-                              f"build ({e}); use --keys FILE instead") from None
-    try:
-        cfg = get_preset(name)
-    except KeyError:
-        raise CheckpointError(f"--preset {name}: unknown preset") from None
-    model = build_detector(getattr(cfg, "model", cfg))
-    return model
+        get_preset(name)
+    except KeyError as e:
+        raise CheckpointError(f"--preset: {e.args[0]}") from None
+    return preset_shapes(name)
 
 
 def run(args: argparse.Namespace) -> int:
     from raydn.interop.convert import (
-        convert_official_state_dict, load_checkpoint_file, read_key_list, save_state_dict_atomic,
+        DETECTABLE_PRESETS, convert_official_state_dict, detect_preset, load_checkpoint_file,
+        preset_shapes, read_key_list, save_model_file,
     )
-    expected = None
+    raw = load_checkpoint_file(args.official, trust=args.trust_checkpoint)
+    note = ""
     if args.preset:
-        expected = _expected_from_preset(args.preset)
-    elif args.keys:
-        expected = read_key_list(args.keys)
-    sd, report = convert_official_state_dict(
-        load_checkpoint_file(args.official, trust=args.trust_checkpoint), expected=expected)
-    print(report.summary())
-    if expected is None:
-        print("  (no --preset/--keys given: key names and shapes were not checked)")
-    if report.ok or args.allow_mismatch:
-        save_state_dict_atomic(sd, args.out)
-        print(f"wrote {len(sd)} tensors to {args.out}")
+        preset, expected = args.preset, _preset_model_shapes(args.preset)
     else:
-        print(f"not written: {args.out} (use --allow-mismatch to write anyway)")
+        unchecked, _ = convert_official_state_dict(raw)
+        preset = detect_preset(unchecked)
+        if preset is not None:
+            base = preset.split("_")[0]
+            note = (f"preset: {preset} (detected from keys and shapes; {base}_repdetr3d has the "
+                    f"same weights: pass --preset to record that one instead)")
+        if args.keys:
+            expected = read_key_list(args.keys)
+        elif preset is not None:
+            expected = preset_shapes(preset)
+        else:  # report against the closest preset so that the user sees what differs
+            have = {(k, tuple(v.shape)) for k, v in unchecked.items()}
+            closest = max(DETECTABLE_PRESETS, key=lambda p: len(have & set(preset_shapes(p).items())))
+            expected = preset_shapes(closest)
+            note = (f"no preset matches these keys/shapes; compared with the closest, {closest} "
+                    f"(pass --preset or --keys to choose)")
+    sd, report = convert_official_state_dict(raw, expected=expected)
+    print(report.summary())
+    if note:
+        print(f"  {note}")
+    if report.ok or args.allow_mismatch:
+        save_model_file(sd, args.out, preset, source=Path(args.official).name)
+        print(f"wrote {len(sd)} tensors (preset {preset}) to {args.out}")
+    else:
+        print(f"raydn convert: error: {args.official} does not match the expected model "
+              f"(see the report above); {args.out} not written (--allow-mismatch writes anyway)",
+              file=sys.stderr)
     return 0 if report.ok else 1

@@ -251,3 +251,95 @@ def save_state_dict_atomic(sd: Mapping[str, Tensor], path: str | os.PathLike) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# raydn model files (``raydn convert`` output) and loading a ready model
+# ----------------------------------------------------------------------------------------------
+
+#: ``raydn convert`` output: ``{"format": MODEL_FORMAT, "preset": str | None, "model": state dict,
+#: "source": str}`` (plain tensors and strings only: loads with ``weights_only=True``).
+MODEL_FORMAT = "raydn-model/1"
+#: Training checkpoints written by :mod:`raydn.engine.train` (same ``preset`` / ``model`` keys).
+TRAIN_FORMAT = "raydn-train/1"
+#: Presets tried (in order) when a checkpoint does not name its preset. The ``*_repdetr3d``
+#: variants have the same weights as ``*_raydn`` (ray denoising adds no parameters), so a bare
+#: state dict is attributed to the ``*_raydn`` one.
+DETECTABLE_PRESETS: tuple[str, ...] = ("r50_raydn", "eva02l_raydn", "tiny_raydn")
+
+_SHAPES_CACHE: dict[str, dict[str, tuple]] = {}
+
+
+def preset_shapes(preset: str) -> dict[str, tuple]:
+    """``{key: shape}`` of the detector of ``preset``, built on the ``meta`` device (no memory,
+    ~1 s for EVA02-L); cached."""
+    if preset not in _SHAPES_CACHE:
+        from raydn.presets import build_model
+        with torch.device("meta"):
+            model = build_model(preset)
+        _SHAPES_CACHE[preset] = expected_shapes(model)
+    return _SHAPES_CACHE[preset]
+
+
+def detect_preset(sd: Mapping[str, Tensor], candidates=DETECTABLE_PRESETS) -> str | None:
+    """The first preset whose detector has exactly the keys and shapes of ``sd`` (raydn
+    naming), or None."""
+    shapes = expected_shapes(sd)
+    for name in candidates:
+        if preset_shapes(name) == shapes:
+            return name
+    return None
+
+
+def save_model_file(sd: Mapping[str, Tensor], path: str | os.PathLike, preset: str | None,
+                    source: str = "") -> None:
+    """Write a raydn model file (:data:`MODEL_FORMAT`) atomically."""
+    save_state_dict_atomic({"format": MODEL_FORMAT, "preset": preset, "model": dict(sd),
+                            "source": str(source)}, path)
+
+
+def read_model_file(path: str | os.PathLike, trust: bool = False) -> tuple[dict, str | None]:
+    """Load any supported checkpoint as ``(state dict in raydn naming, preset or None)``:
+    a raydn model file, a raydn training checkpoint, or an official / plain state dict
+    (unwrapped and renamed as in :func:`convert_official_state_dict`)."""
+    ckpt = load_checkpoint_file(path, trust)
+    if isinstance(ckpt, Mapping) and ckpt.get("format") in (MODEL_FORMAT, TRAIN_FORMAT):
+        sd = ckpt.get("model")
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{path}: {ckpt['format']} file without a 'model' state dict")
+        return dict(sd), ckpt.get("preset")
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("format"), str):
+        raise CheckpointError(f"{path}: unknown checkpoint format {ckpt['format']!r}; expected "
+                              f"{MODEL_FORMAT!r}, {TRAIN_FORMAT!r} or an official checkpoint")
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    sd, _ = convert_official_state_dict(ckpt)
+    return sd, None
+
+
+def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bool = True,
+               trust: bool = False) -> nn.Module:
+    """Build the right preset's detector and load a checkpoint into it (CPU, train mode as
+    built; call ``.eval()`` / ``.to(device)`` yourself).
+
+    Accepts a ``raydn convert`` output (:data:`MODEL_FORMAT`), a raydn training checkpoint
+    (:data:`TRAIN_FORMAT`) or an official checkpoint. ``preset`` overrides the recorded one; a
+    file without a preset is matched against :data:`DETECTABLE_PRESETS` by its keys and shapes.
+    Raises :class:`CheckpointError` (naming the file) when the weights do not fit the model."""
+    from raydn.presets import build_model, get_preset
+    sd, recorded = read_model_file(path, trust)
+    name = preset or recorded or detect_preset(sd)
+    if name is None:
+        raise CheckpointError(f"{path}: the checkpoint names no preset and its keys/shapes match "
+                              f"none of {', '.join(DETECTABLE_PRESETS)}; pass preset=...")
+    try:
+        get_preset(name)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from None
+    model = build_model(name)
+    sd, report = convert_official_state_dict(sd, expected=model)
+    if strict and not report.ok:
+        raise CheckpointError(f"{path}: checkpoint does not match preset {name!r}\n{report.summary()}")
+    model.load_state_dict({k: v for k, v in sd.items() if k not in report.shape_mismatch},
+                          strict=strict)
+    return model

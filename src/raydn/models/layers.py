@@ -4,6 +4,8 @@ Module/attribute names follow the official checkpoint so that state dicts load 1
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -86,5 +88,6 @@ def tied_module_list(module: nn.Module, n: int) -> nn.ModuleList:
 
 
 def bias_init_with_prob(prior_prob: float) -> float:
-    """Bias so that ``sigmoid(bias) == prior_prob`` (mmcv helper; 0.01 -> -4.595)."""
-    return float(-torch.log(torch.tensor((1 - prior_prob) / prior_prob)))
+    """Bias so that ``sigmoid(bias) == prior_prob`` (mmcv helper; 0.01 -> -4.595). Computed in
+    float64 like mmcv's ``np.log`` (and so that it works under ``torch.device('meta')``)."""
+    return float(-math.log((1 - prior_prob) / prior_prob))
