@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import load_fixture
+from tests.conftest import load_fixture
 from raydn.config import DenoisingConfig, RayDenoisingConfig
 from raydn.models.denoising import box_noise_groups, build_denoising_queries, ray_depth_steps
 

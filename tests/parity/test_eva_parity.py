@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_fixture
+from tests.conftest import load_fixture
 from raydn.config import BackboneConfig
 from raydn.models.backbones import build_backbone
 from raydn.models.backbones.eva02 import default_window_block_indexes

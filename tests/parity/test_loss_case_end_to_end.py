@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_fixture
+from tests.conftest import load_fixture
 from raydn.config import HeadConfig
 from raydn.data.batch import FrameBatch
 from raydn.interop.convert import add_prefix, convert_official_state_dict, strip_prefix

@@ -8,7 +8,7 @@ import torch
 from raydn.config import HeadConfig
 from raydn.models.criterion import RayDNCriterion
 from raydn.models.denoising import DenoisingQueries
-from conftest import load_fixture
+from tests.conftest import load_fixture
 
 
 @pytest.fixture(scope="module")
