@@ -49,23 +49,44 @@ class RayDNDetector(nn.Module):
         self.criterion = RayDNCriterion(cfg.head)
         #: autocast dtype for backbone + neck in training (official: fp16 only there); None = fp32
         self.encoder_autocast: torch.dtype | None = None
+        #: run backbone + neck (+ aux head) in the channels-last layout (see raydn.models.speed);
+        #: on by default for ResNet backbones (convolution-bound: ~1.3x faster on CPU)
+        self.channels_last = False
+        from raydn.models.backbones.resnet import ResNet
+        if isinstance(self.img_backbone, ResNet):
+            from raydn.models.speed import set_fast_paths
+            set_fast_paths(self, True)
         self.preset: str | None = None
 
     # ------------------------------------------------------------------ features
     def extract_feats(self, images: Tensor) -> list[Tensor]:
         """images (B, N, 3, H, W) normalised -> feature levels, each (B, N, C, H_l, W_l) fp32."""
         B, N = images.shape[:2]
-        x = images.flatten(0, 1)
-        if self.training and self.grid_mask is not None:
-            x = self.grid_mask(x)
+        x = self.prepare_images(images)
         ctx = (torch.autocast(device_type=x.device.type, dtype=self.encoder_autocast)
                if (self.training and self.encoder_autocast is not None) else contextlib.nullcontext())
         with ctx:
             feats = self.img_backbone(x)
             if self.img_neck is not None:
                 feats = self.img_neck(feats)
+        return self.collect_feats(feats, B)
+
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """images (B, N, 3, H, W) -> encoder input (B*N, 3, H, W): GridMask in training, and the
+        channels-last memory layout when :attr:`channels_last` is set (same values)."""
+        x = images.flatten(0, 1)
+        if self.training and self.grid_mask is not None:
+            x = self.grid_mask(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def collect_feats(self, feats, batch_size: int) -> list[Tensor]:
+        """Encoder outputs (B*N, C, H_l, W_l) -> the last ``num_levels`` levels as
+        (B, N, C, H_l, W_l) fp32 (a view when possible: channels-last maps keep their layout, which
+        is the (pixel, channel) order the head flattens them to)."""
         feats = list(feats)[-self.cfg.head.num_levels:]
-        return [f.float().reshape(B, N, *f.shape[1:]) for f in feats]
+        return [f.float().reshape(batch_size, -1, *f.shape[1:]) for f in feats]
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device=None) -> TemporalState:

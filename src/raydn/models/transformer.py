@@ -7,6 +7,7 @@ multi-head attention), ``attentions.1.*`` (deformable feature aggregation), ``ff
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -25,7 +26,10 @@ class PackedMultiheadAttention(nn.Module):
     with ``F.scaled_dot_product_attention``. Batch-first.
 
     ``attn_mask`` (Lq, Lk) bool uses PyTorch-MHA semantics: **True = blocked**.
+    ``explicit_cpu_training``: in CPU training with dropout use :func:`_attention_with_dropout`
+    (faster than SDPA's math path there) instead of SDPA.
     """
+    explicit_cpu_training: bool = True
 
     def __init__(self, embed_dims: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -52,10 +56,62 @@ class PackedMultiheadAttention(nn.Module):
         q = F.linear(query, w_q, b_q).view(B, Lq, h, C // h).transpose(1, 2)
         k = F.linear(key, w_k, b_k).view(B, Lk, h, C // h).transpose(1, 2)
         v = F.linear(value, w_v, b_v).view(B, Lk, h, C // h).transpose(1, 2)
-        mask = None if attn_mask is None else ~attn_mask  # SDPA: True = may attend
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if (self.explicit_cpu_training and p > 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
+                and _explicit_ok(attn_mask)):
+            out = _attention_with_dropout(q, k, v, attn_mask, p)
+        else:
+            mask = None if attn_mask is None else ~attn_mask  # SDPA: True = may attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(B, Lq, C))
+
+
+def _explicit_ok(attn_mask: Tensor | None) -> bool:
+    """The explicit CPU training path handles no mask or a 2-D bool mask without fully blocked
+    rows (SDPA gives those rows 0, a plain softmax NaN); everything else goes to SDPA."""
+    if attn_mask is None:
+        return True
+    return attn_mask.dtype == torch.bool and attn_mask.dim() == 2 and not bool(attn_mask.all(-1).any())
+
+
+class _NoiseDropout(torch.autograd.Function):
+    """``x * noise`` with ``noise = (U[0,1) >= p) / (1 - p)`` drawn from the default generator:
+    dropout with the semantics of ``F.dropout`` (keep probability ``1 - p``, kept values scaled),
+    cheaper on CPU than ``bernoulli_`` + division for large tensors (one uniform draw, in-place
+    threshold and scale), same saved state (the float noise)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        noise = torch.rand(x.shape, dtype=x.dtype, device=x.device)
+        torch.ge(noise, p, out=noise)
+        noise.mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(noise)
+        return x * noise
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (noise,) = ctx.saved_tensors
+        return grad * noise, None
+
+
+def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None, p: float) -> Tensor:
+    """Scaled dot-product attention with attention-weight dropout, as SDPA's math path but
+    cheaper on CPU in training: the additive mask is fused into the score GEMM (``baddbmm``),
+    plain softmax (no fully blocked rows, see :func:`_explicit_ok`), :class:`_NoiseDropout`.
+
+    q (B, h, Lq, d), k/v (B, h, Lk, d), blocked (Lq, Lk) bool True = blocked or None
+    -> (B, h, Lq, d)."""
+    B, h, Lq, d = q.shape
+    Lk = k.shape[2]
+    q2 = (q * (1.0 / math.sqrt(d))).reshape(B * h, Lq, d)
+    kt = k.reshape(B * h, Lk, d).transpose(1, 2)
+    if blocked is None:
+        scores = torch.bmm(q2, kt)
+    else:
+        bias = torch.zeros(Lq, Lk, dtype=q2.dtype, device=q2.device).masked_fill_(blocked, float("-inf"))
+        scores = torch.baddbmm(bias, q2, kt)
+    attn = _NoiseDropout.apply(scores.softmax(-1), p)
+    return torch.bmm(attn, v.reshape(B * h, Lk, d)).view(B, h, Lq, d)
 
 
 class TemporalSelfAttention(nn.Module):
@@ -129,10 +185,16 @@ class DeformableFeatureAggregation(nn.Module):
         B, A = instance_feature.shape[:2]
         N, G, L, P = self.num_cams, self.num_groups, self.num_levels, self.num_pts
         cam = self.cam_embed(lidar2img[..., :3, :].flatten(-2))                   # (B, N, C)
-        w_q = nn.functional.linear(instance_feature + query_pos, self.weights_fc.weight)
-        w_c = self.weights_fc(cam)                                                 # (B, N, LP*G)
-        logits = w_q.unsqueeze(2) + w_c.unsqueeze(1)                               # (B, A, N, LP*G)
-        logits = logits.view(B, A, N, L * P, G).permute(4, 0, 1, 2, 3)              # (G, B, A, N, LP)
+        # Output features of weights_fc are ordered (l, p, g); reorder its (tiny) weight rows to
+        # (g, l, p) so that the group-major re-layout below copies runs of L*P values, not
+        # single values at stride G (same dot products, same result).
+        C = instance_feature.shape[-1]
+        weight = self.weights_fc.weight.view(L * P, G, C).transpose(0, 1).reshape(G * L * P, C)
+        bias = self.weights_fc.bias.view(L * P, G).t().reshape(G * L * P)
+        w_q = nn.functional.linear(instance_feature + query_pos, weight)            # (B, A, G*LP)
+        w_c = nn.functional.linear(cam, weight, bias)                              # (B, N, G*LP)
+        logits = w_q.view(B, A, 1, G, L * P) + w_c.view(B, 1, N, G, L * P)         # (B, A, N, G, LP)
+        logits = logits.permute(3, 0, 1, 2, 4)                                     # (G, B, A, N, LP)
         w = logits.reshape(G, B, A, N * L * P).softmax(dim=-1)
         w = w.view(G, B, A, N, L, P).permute(0, 1, 3, 2, 4, 5).contiguous().view(G, B * N, A, L, P)
         return w.permute(1, 2, 0, 3, 4)

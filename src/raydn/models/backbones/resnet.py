@@ -38,10 +38,38 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool = True) -> torch.Tensor:
+    """``bn(conv(x))``. When ``fold`` and ``bn`` is in eval mode (running statistics: the frozen BN
+    of the official config) it is one affine map per channel, folded into the convolution:
+    ``conv(x, W * s) + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``. Same result up to
+    float rounding, one pass over the activation instead of two, and no BN backward; gradients
+    still reach ``W`` (and ``gamma``/``beta`` when they require grad) through ``W * s``."""
+    if not fold or bn.training or bn.running_var is None or not bn.affine or conv.padding_mode != "zeros":
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    w = conv.weight * scale.view(-1, 1, 1, 1)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last):
+        w = w.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, w, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class _CheckpointedBlock(nn.Module):
     """Runs ``_residual(x)`` (everything up to and including the identity add) under activation
-    checkpointing when ``with_cp`` and training with grad enabled, then the final ReLU (as mmdet)."""
+    checkpointing when ``with_cp`` and training with grad enabled, then the final ReLU (as mmdet).
+    ``fold_bn``: fold eval-mode BatchNorms into the convolutions (see :func:`conv_bn`)."""
     with_cp: bool = False
+    fold_bn: bool = True
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[1], nn.BatchNorm2d):
+            return conv_bn(ds[0], ds[1], x, self.fold_bn)
+        return ds(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and self.training and torch.is_grad_enabled():
@@ -66,10 +94,10 @@ class BasicBlock(_CheckpointedBlock):
         self.with_cp = with_cp
 
     def _residual(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        f = self.fold_bn
+        out = F.relu(conv_bn(self.conv1, self.bn1, x, f), inplace=True)
+        out = conv_bn(self.conv2, self.bn2, out, f)
+        return out.add_(self._shortcut(x))  # in place: conv outputs are not saved for backward
 
 
 class Bottleneck(_CheckpointedBlock):
@@ -89,11 +117,11 @@ class Bottleneck(_CheckpointedBlock):
         self.with_cp = with_cp
 
     def _residual(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        f = self.fold_bn
+        out = F.relu(conv_bn(self.conv1, self.bn1, x, f), inplace=True)
+        out = F.relu(conv_bn(self.conv2, self.bn2, out, f), inplace=True)
+        out = conv_bn(self.conv3, self.bn3, out, f)
+        return out.add_(self._shortcut(x))  # in place: conv outputs are not saved for backward
 
 
 class ResNet(nn.Module):
@@ -125,6 +153,8 @@ class ResNet(nn.Module):
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        #: fold eval-mode BatchNorms into the convolutions (exact up to rounding; see conv_bn)
+        self.fold_bn = True
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -194,7 +224,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple:
         """x (B, 3, H, W) -> tuple of (B, C_i, H/s_i, W/s_i) for ``out_indices``."""
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        x = self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x, self.fold_bn), inplace=True))
         outs = []
         for i in range(max(self.out_indices) + 1):
             x = getattr(self, f"layer{i + 1}")(x)
