@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 import time
 
 import torch
@@ -133,10 +132,8 @@ def main(argv=None) -> int:
         r.update(threads=torch.get_num_threads(), loadavg_1min_before=load, torch=torch.__version__)
         print(json.dumps(r))
     if args.out:
-        d = os.path.dirname(os.path.abspath(args.out))
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=1)
-        os.replace(f.name, args.out)
+        from raydn.io import atomic_write_json
+        atomic_write_json(args.out, results, indent=1)
     return 0
 
 

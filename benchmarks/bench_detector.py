@@ -16,10 +16,14 @@ import argparse
 import os
 import resource
 import statistics
+import sys
 import time
 import weakref
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_speed import _infer_frames  # noqa: E402  (shared timing loop)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydn.data.synthetic_batch import synthetic_frame_batch
@@ -65,38 +69,11 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_frames(model, frames: int, device: torch.device, warmup: int = 2) -> dict[str, list]:
-    """Per-part wall times over ``frames`` timed frames (after ``warmup`` frames)."""
-    times = {"backbone": [], "neck": [], "head": [], "detector": []}
-    state = model.init_state(1, device)
-    with torch.inference_mode():
-        for i in range(warmup + frames):
-            batch = synthetic_frame_batch(1, (256, 704), frame_index=i, with_targets=False).to(device)
-            # the detector's own input preparation / feature collection (layout choices included)
-            x = (model.prepare_images(batch.images) if hasattr(model, "prepare_images")
-                 else batch.images.flatten(0, 1))
-            _sync(device)
-            t0 = time.perf_counter()
-            feats = model.img_backbone(x)
-            _sync(device)
-            t1 = time.perf_counter()
-            feats = model.img_neck(feats)
-            _sync(device)
-            t2 = time.perf_counter()
-            feats = (model.collect_feats(feats, 1) if hasattr(model, "collect_feats")
-                     else [f.float().reshape(1, 6, *f.shape[1:]) for f in list(feats)[-4:]])
-            out, state = model.pts_bbox_head(feats, batch, state)
-            _sync(device)
-            t3 = time.perf_counter()
-            if i >= warmup:
-                for k, v in (("backbone", t1 - t0), ("neck", t2 - t1), ("head", t3 - t2),
-                             ("detector", t3 - t0)):
-                    times[k].append(v)
+def time_frames(model, frames: int, device: torch.device) -> dict[str, list]:
+    """Per-part wall times over ``frames`` timed frames after 2 warm-up frames (memory warm);
+    the timing loop is shared with ``bench_speed.py``."""
+    times, _, _ = _infer_frames(model, device, "fp32", frames)
+    times["detector"] = times.pop("total")
     return times
 
 
@@ -128,7 +105,6 @@ def head_peak_memory(model, device: torch.device) -> tuple[float, float | None]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -139,8 +115,8 @@ def main() -> None:
     model = build_model("r50_raydn").eval().to(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     c0 = time.process_time()
-    times = time_frames(model, args.frames, device, args.warmup)
-    cpu_per_frame = (time.process_time() - c0) / (args.frames + args.warmup)
+    times = time_frames(model, args.frames, device)
+    cpu_per_frame = (time.process_time() - c0) / (args.frames + 2)
     rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     peak_mb, cuda_mb = head_peak_memory(model, device)
 
@@ -156,7 +132,7 @@ def main() -> None:
     print(f"head vs the official head alone ({OFFICIAL_HEAD_ALONE:.1f} s): "
           f"{OFFICIAL_HEAD_ALONE / head:.2f}x faster (target >= 2x)")
     print(f"process CPU time per frame (all threads): {cpu_per_frame:.3f} s; "
-          f"frames timed: {args.frames} after {args.warmup} warm-up")
+          f"frames timed: {args.frames} after {2} warm-up")
     print(f"head peak memory (tensors allocated inside one head forward): {peak_mb:.0f} MiB"
           + (f"; CUDA max_memory_allocated growth {cuda_mb:.0f} MiB" if cuda_mb is not None else ""))
     print(f"process peak RSS growth during the timed frames: {rss_mb:.0f} MiB")

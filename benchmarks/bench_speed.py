@@ -46,7 +46,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -374,10 +373,8 @@ def main(argv=None) -> int:
     print_table(results, args)
     print(f"\nload average after: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.out:
-        d = os.path.dirname(os.path.abspath(args.out))
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=1)
-        os.replace(f.name, args.out)
+        from raydn.io import atomic_write_json
+        atomic_write_json(args.out, results, indent=1)
     return 0
 
 
