@@ -21,10 +21,7 @@ COMMANDS = (
     ("prepare", "raydn.commands.prepare"),
     ("train", "raydn.commands.train"),
     ("eval", "raydn.commands.eval"),
-    ("infer", "raydn.commands.infer"),
-    ("visualize", "raydn.commands.visualize"),
     ("convert", "raydn.commands.convert"),
-    ("export", "raydn.commands.export"),
     ("presets", "raydn.commands.presets"),
     ("smoke", "raydn.commands.smoke"),
 )
@@ -40,12 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raydn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # subcommand not built yet / optional deps missing
-            if e.name and e.name.startswith("raydn.commands"):
-                continue
-            raise
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _name=name)
