@@ -79,6 +79,12 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def _step_summary(fwd, bwd, **extra) -> dict:
+    """Medians of the timed training steps (forward, backward, total) plus ``extra`` fields."""
+    tot = [a + b for a, b in zip(fwd, bwd)]
+    return {"total": _median(tot), "forward": _median(fwd), "backward": _median(bwd), **extra}
+
+
 def build(variant: str, device: torch.device):
     """The R50 RayDN detector (random weights, seed 0) configured as ``variant``."""
     from raydn.models.deformable import deformable_sample
@@ -156,9 +162,7 @@ def case_head_train(variant, device, dtype, repeats):
         if i >= 2:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-    tot = [a + b for a, b in zip(fwd, bwd)]
-    return {"total": _median(tot), "forward": _median(fwd), "backward": _median(bwd),
-            "loss_nodrop": loss_nodrop, "loss_first": first, "loss": float(loss)}
+    return _step_summary(fwd, bwd, loss_nodrop=loss_nodrop, loss_first=first, loss=float(loss))
 
 
 def case_det_train(variant, device, dtype, repeats):
@@ -188,9 +192,8 @@ def case_det_train(variant, device, dtype, repeats):
         if i >= 2:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-    tot = [a + b for a, b in zip(fwd, bwd)]
-    return {"total": _median(tot), "forward": _median(fwd), "backward": _median(bwd),
-            "loss_nodrop": loss_nodrop, "loss_first": first, "loss": float(loss), "n_losses": len(losses)}
+    return _step_summary(fwd, bwd, loss_nodrop=loss_nodrop, loss_first=first, loss=float(loss),
+                         n_losses=len(losses))
 
 
 def _infer_frames(model, device, dtype, frames):
