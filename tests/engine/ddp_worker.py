@@ -1,5 +1,6 @@
 """Run by torchrun in tests/engine/test_train.py: 2 processes x 1 sample on gloo; checks that the
 parameters are identical on both ranks after a few DDP steps and writes the result (rank 0)."""
+import gc
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ def main(infos: str, out: str) -> None:
         (Path(out) / "ddp_result.json").write_text(json.dumps({
             "world_size": info.world_size, "params_in_sync": bool(in_sync),
             "iteration": res["iteration"], "schedule": res["schedule"]}))
+    del tr, gathered  # release DDP (and its reducer) before the process group goes away
+    gc.collect()
     cleanup_distributed()
 
 

@@ -46,7 +46,11 @@ def setup_distributed(device: str | None = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group; all ranks first meet at a barrier so that no rank tears its
+    connections down while another still uses them (gloo aborts the process otherwise)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

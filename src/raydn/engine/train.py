@@ -304,6 +304,9 @@ def _set_grad_checkpointing(model, enabled: bool) -> None:
 def train(opts: TrainOptions) -> dict:
     dist_info = setup_distributed(opts.device)
     try:
-        return Trainer(opts, dist_info).run()
+        trainer = Trainer(opts, dist_info)
+        result = trainer.run()
+        del trainer  # release DDP and the loader workers before leaving the process group
+        return result
     finally:
         cleanup_distributed()
