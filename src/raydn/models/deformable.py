@@ -20,6 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _check_levels(name: str, BN: int, locations: Tensor, weights: Tensor, spatial_shapes,
+                  level_start) -> tuple[list, list]:
+    """Shared argument checks of the samplers; level shapes/starts as Python int lists."""
+    _, A, _, L, P = weights.shape
+    if locations.shape != (BN, A, P, 2):
+        raise ValueError(f"{name}: locations must be {(BN, A, P, 2)}, got {tuple(locations.shape)}")
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = [tuple(int(v) for v in s) for s in spatial_shapes.tolist()]
+    if isinstance(level_start, Tensor):
+        level_start = [int(v) for v in level_start.tolist()]
+    if len(spatial_shapes) != L:
+        raise ValueError(f"{name}: {len(spatial_shapes)} levels but weights have {L}")
+    return list(spatial_shapes), list(level_start)
+
+
 def deformable_sample(value: Tensor, spatial_shapes: Sequence[tuple[int, int]] | Tensor,
                       level_start: Sequence[int] | Tensor, locations: Tensor,
                       weights: Tensor) -> Tensor:
@@ -40,16 +55,10 @@ def deformable_sample(value: Tensor, spatial_shapes: Sequence[tuple[int, int]] |
     """
     BN, _, C = value.shape
     _, A, G, L, P = weights.shape
-    if locations.shape != (BN, A, P, 2):
-        raise ValueError(f"deformable_sample: locations must be {(BN, A, P, 2)}, got {tuple(locations.shape)}")
     if C % G:
         raise ValueError(f"deformable_sample: channels {C} not divisible by groups {G}")
-    if isinstance(spatial_shapes, Tensor):
-        spatial_shapes = [tuple(int(v) for v in s) for s in spatial_shapes.tolist()]
-    if isinstance(level_start, Tensor):
-        level_start = [int(v) for v in level_start.tolist()]
-    if len(spatial_shapes) != L:
-        raise ValueError(f"deformable_sample: {len(spatial_shapes)} levels but weights have {L}")
+    spatial_shapes, level_start = _check_levels("deformable_sample", BN, locations, weights,
+                                                spatial_shapes, level_start)
     # grid in [-1, 1] (align_corners=False): pixel = loc * W - 0.5, as mmcv's kernel.
     # Clamp keeps far-away points exactly zero and finite.
     grid = (locations.clamp(-1.0, 2.0) * 2.0 - 1.0).to(value.dtype)
@@ -142,16 +151,10 @@ def deformable_sample_gather(value: Tensor | GroupedValue,
         value = group_value(value, weights.shape[2])
     BN, S, C = value.shape
     _, A, G, L, P = weights.shape
-    if locations.shape != (BN, A, P, 2):
-        raise ValueError(f"deformable_sample_gather: locations must be {(BN, A, P, 2)}, got {tuple(locations.shape)}")
     if value.table.shape[0] != G:
         raise ValueError(f"deformable_sample_gather: value has {value.table.shape[0]} groups, weights {G}")
-    if isinstance(spatial_shapes, Tensor):
-        spatial_shapes = [tuple(int(v) for v in s) for s in spatial_shapes.tolist()]
-    if isinstance(level_start, Tensor):
-        level_start = [int(v) for v in level_start.tolist()]
-    if len(spatial_shapes) != L:
-        raise ValueError(f"deformable_sample_gather: {len(spatial_shapes)} levels but weights have {L}")
+    spatial_shapes, level_start = _check_levels("deformable_sample_gather", BN, locations, weights,
+                                                spatial_shapes, level_start)
     dtype = value.table.dtype
     idx, bw = _bilinear_corners(locations.to(dtype), spatial_shapes, level_start, S)
     n = L * P * 4
