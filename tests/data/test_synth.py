@@ -252,3 +252,24 @@ def test_determinism_and_workers(tmp_path):
     from raydn.errors import DataError
     with pytest.raises(DataError, match="exists"):
         generate_world(tmp_path / "a", scenes=2, seed=11, samples_per_scene=2, progress=False)
+
+
+def test_demo_profile_keeps_objects_near():
+    """The ``demo`` layout keeps every class but brings objects close and slows the ego."""
+    from raydn.data.synth.world import get_profile, simulate_scene
+    near, far, speeds = [], [], {}
+    for prof, out in (("demo", near), ("realistic", far)):
+        v = []
+        for i in range(3):
+            sim = simulate_scene(f"s{i}", i, 5, 40, prof)
+            assert set(sim.objects.cls.tolist()) == set(range(len(CLASS_NAMES)))
+            xy, _ = sim.ego.pose_at(sim.sample_t)
+            for k, t in enumerate(sim.sample_t):
+                out.append(np.linalg.norm(sim.objects.centers_at(t)[:, :2] - xy[k], axis=1))
+            v.append(sim.ego.speed.max())
+        speeds[prof] = max(v)
+    near, far = np.concatenate(near), np.concatenate(far)
+    assert np.median(near) < 30.0 < 40.0 < np.median(far)
+    assert speeds["demo"] <= 6.0 + 1e-9 < speeds["realistic"]
+    with pytest.raises(ValueError, match="unknown world profile"):
+        get_profile("nope")

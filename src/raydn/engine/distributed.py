@@ -70,3 +70,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s integer on every rank (identity on one process). Uses a CPU tensor with gloo
+    and the current CUDA device with NCCL."""
+    if not is_dist():
+        return int(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.broadcast(t, src)
+    return int(t.item())

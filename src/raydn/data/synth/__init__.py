@@ -66,12 +66,19 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def generate_world(out_dir, scenes: int = 10, seed: int = 0, split: str = "mini", samples_per_scene: int = 40,
                    workers: int = 1, scale: float = 0.4, quality: int = 90, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, profile: str = "realistic") -> Path:
     """Generate the synthetic nuScenes dataroot at ``out_dir`` and return its path.
 
     ``scenes`` scenes of ``samples_per_scene`` keyframes (0.5 s apart), deterministic for ``seed``;
     images are rendered at ``scale`` x 1600 x 900 and upscaled (bilinear) before JPEG encoding with
-    ``quality``; ``workers`` processes render keyframes in parallel (results do not depend on it)."""
+    ``quality``; ``workers`` processes render keyframes in parallel (results do not depend on it).
+    ``profile`` chooses the layout (:data:`raydn.data.synth.world.PROFILES`): ``realistic``
+    (nuScenes-like, objects up to ~60 m) or ``demo`` (slow ego, objects within ~35 m)."""
+    from raydn.data.synth.world import get_profile
+    try:
+        profile = get_profile(profile).name
+    except ValueError as e:
+        raise DataError(str(e)) from None
     out = Path(out_dir)
     if samples_per_scene < 2:
         raise DataError(f"--samples-per-scene must be >= 2 (velocities need two keyframes), got {samples_per_scene}")
@@ -83,7 +90,7 @@ def generate_world(out_dir, scenes: int = 10, seed: int = 0, split: str = "mini"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tasks = [(int(seed), i, name, int(samples_per_scene), k, str(tmp), float(scale), int(quality))
+    tasks = [(int(seed), i, name, int(samples_per_scene), k, str(tmp), float(scale), int(quality), profile)
              for i, name in enumerate(names) for k in range(samples_per_scene)]
     from tqdm import tqdm
     bar = tqdm(total=len(tasks), desc="raydn synth", unit="sample", disable=not progress)
@@ -99,12 +106,12 @@ def generate_world(out_dir, scenes: int = 10, seed: int = 0, split: str = "mini"
             results.append(render_sample_task(t))
             bar.update(1)
     bar.close()
-    sims = [cached_scene(int(seed), i, name, int(samples_per_scene)) for i, name in enumerate(names)]
+    sims = [cached_scene(int(seed), i, name, int(samples_per_scene), profile) for i, name in enumerate(names)]
     records = [results[i * samples_per_scene:(i + 1) * samples_per_scene] for i in range(len(names))]
     tables = build_tables(int(seed), sims, records)
     write_tables(tmp, version, tables)
     with open(tmp / "raydn_synth.json", "w") as f:
-        json.dump(dict(seed=int(seed), scenes=names, split=split, version=version,
+        json.dump(dict(seed=int(seed), profile=profile, scenes=names, split=split, version=version,
                        samples_per_scene=int(samples_per_scene), scale=float(scale), quality=int(quality)), f, indent=1)
     if out.exists():
         trash = out.parent / f".{out.name}.old"

@@ -50,6 +50,41 @@ CLASS_SPECS = {
                          palette=((1.00, 0.45, 0.05),)),
 }
 
+@dataclass(frozen=True)
+class WorldProfile:
+    """How the world is laid out (everything else -- classes, sizes, motions, rendering -- is shared).
+
+    ``ego_speed`` (m/s) range of the ego's cruise-speed targets, ``ego_stop_prob`` chance that a
+    3-6 s segment is a stop; ``ahead`` / ``ahead_near`` (m) range of an object's longitudinal offset
+    from the ego at its anchor time (vehicles, pedestrians / barrier and cone rows); ``spawn``
+    multiplies how many objects of each kind the scene tries to place."""
+    name: str
+    ego_speed: tuple = (3.0, 13.0)
+    ego_stop_prob: float = 0.15
+    ahead: tuple = (-40.0, 55.0)
+    ahead_near: tuple = (-25.0, 30.0)
+    spawn: float = 1.0
+
+
+#: ``realistic``: nuScenes-like urban driving (objects up to ~60 m, 3-13 m/s).
+#: ``demo``: the CPU demo's world -- slower ego (1-6 m/s) and objects kept within ~35 m, so that a
+#: small model trained for minutes on 2 cores sees every object at a learnable size.
+PROFILES = {
+    "realistic": WorldProfile("realistic"),
+    "demo": WorldProfile("demo", ego_speed=(1.0, 6.0), ego_stop_prob=0.3, ahead=(-25.0, 32.0),
+                         ahead_near=(-18.0, 24.0), spawn=0.5),
+}
+
+
+def get_profile(profile: "str | WorldProfile") -> WorldProfile:
+    if isinstance(profile, WorldProfile):
+        return profile
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        raise ValueError(f"unknown world profile {profile!r}; available: {', '.join(PROFILES)}") from None
+
+
 #: Motion/attribute kind of an object (constant per instance).
 KIND_MOVING, KIND_PARKED, KIND_STOPPED, KIND_STATIC = 0, 1, 2, 3
 
@@ -131,18 +166,18 @@ class SceneSim:
         return self.start_us + np.round(self.sample_t * 1e6).astype(np.int64)
 
 
-def _simulate_ego(rng: np.random.Generator, duration: float) -> EgoTrack:
+def _simulate_ego(rng: np.random.Generator, duration: float, prof: WorldProfile) -> EgoTrack:
     t = np.arange(-1.0, duration + 1.0 + SIM_DT, SIM_DT)
     n = t.shape[0]
     # piecewise targets for speed and yaw rate
     target_v = np.empty(n)
     yaw_rate = np.empty(n)
-    v0 = rng.uniform(0.0, 12.0)
+    v0 = rng.uniform(0.0, prof.ego_speed[1] - 1.0)
     tt, seg_v, seg_w = t[0], v0, 0.0
     i = 0
     while i < n:
         seg_len = int(rng.uniform(3.0, 6.0) / SIM_DT)
-        seg_v = 0.0 if rng.random() < 0.15 else rng.uniform(3.0, 13.0)
+        seg_v = 0.0 if rng.random() < prof.ego_stop_prob else rng.uniform(*prof.ego_speed)
         seg_w = rng.choice([-1.0, 1.0]) * rng.uniform(0.08, 0.3) if rng.random() < 0.4 else 0.0
         target_v[i:i + seg_len] = seg_v
         yaw_rate[i:i + seg_len] = seg_w
@@ -166,8 +201,8 @@ def _jitter_color(rng, base) -> np.ndarray:
     return np.clip(c, 0.02, 1.0)
 
 
-def _spawn_plan(rng: np.random.Generator) -> list[tuple[str, str, int]]:
-    """(class, role, group size) of the objects to place in one scene."""
+def _spawn_plan(rng: np.random.Generator, spawn: float = 1.0) -> list[tuple[str, str, int]]:
+    """(class, role, group size) of the objects to place in one scene (``spawn`` scales the count)."""
     plan = [("trailer", "parked", 1), ("trailer", "parked", 1), ("bus", "moving", 1), ("bus", "stopped", 1)]
     plan += [("construction_vehicle", "parked", 1), ("construction_vehicle", "slow", 1)]
     plan += [("truck", "moving", 1), ("truck", "parked", 1), ("truck", "stopped", 1)]
@@ -177,10 +212,12 @@ def _spawn_plan(rng: np.random.Generator) -> list[tuple[str, str, int]]:
     plan += [("motorcycle", "moving", 1), ("motorcycle", "moving", 1), ("motorcycle", "parked", 1)]
     plan += [("bicycle", "moving", 1), ("bicycle", "moving", 1), ("bicycle", "parked", 1)]
     plan += [("pedestrian", "moving", 1)] * 7 + [("pedestrian", "standing", 1)] * 3
+    if spawn != 1.0:  # keep every class, scale the number of attempts
+        plan = [plan[int(i)] for i in np.floor(np.arange(round(len(plan) * spawn)) / spawn)]
     return plan
 
 
-def _propose(rng, cls_name, role, group, ego: EgoTrack, duration):
+def _propose(rng, cls_name, role, group, ego: EgoTrack, duration, prof: WorldProfile):
     """Propose one object group: list of (xy (2,), yaw, speed, kind) at anchor time tau."""
     tau = rng.uniform(0.0, duration)
     (exy,), (eyaw,) = ego.pose_at(tau)
@@ -188,7 +225,7 @@ def _propose(rng, cls_name, role, group, ego: EgoTrack, duration):
     left = np.array([-fwd[1], fwd[0]])
     side = rng.choice([-1.0, 1.0])
     near = cls_name in ("barrier", "traffic_cone")
-    s = rng.uniform(-25.0, 30.0) if near else rng.uniform(-40.0, 55.0)
+    s = rng.uniform(*prof.ahead_near) if near else rng.uniform(*prof.ahead)
     heading = eyaw + (np.pi if rng.random() < 0.4 else 0.0)
     speed, kind = 0.0, KIND_STATIC
     if role in ("moving", "stopped", "slow"):
@@ -239,11 +276,13 @@ def _sample_size(rng, cls_name, category, rider) -> np.ndarray:
     return np.array([w, l, h]) * scale
 
 
-def simulate_scene(name: str, index: int, seed: int, n_samples: int) -> SceneSim:
-    """Simulate one scene deterministically from ``(seed, index)`` (the name is only a label)."""
+def simulate_scene(name: str, index: int, seed: int, n_samples: int,
+                   profile: "str | WorldProfile" = "realistic") -> SceneSim:
+    """Simulate one scene deterministically from ``(seed, index, profile)`` (the name is only a label)."""
+    prof = get_profile(profile)
     rng = np.random.default_rng([int(seed), int(index), 7])
     duration = (n_samples - 1) * KEYFRAME_DT
-    ego = _simulate_ego(rng, duration)
+    ego = _simulate_ego(rng, duration, prof)
     sample_t = np.arange(n_samples) * KEYFRAME_DT
     check_t = np.concatenate([sample_t - 0.05, sample_t + 0.05])
     ego_xy, ego_yaw = ego.pose_at(check_t)
@@ -252,10 +291,10 @@ def simulate_scene(name: str, index: int, seed: int, n_samples: int) -> SceneSim
     rows = []  # accepted objects: dict per object
     acc_pos = np.zeros((check_t.shape[0], 0, 2))
     acc_rad = np.zeros(0)
-    for cls_name, role, group in _spawn_plan(rng):
+    for cls_name, role, group in _spawn_plan(rng, prof.spawn):
         spec = CLASS_SPECS[cls_name]
         for _attempt in range(80):
-            tau, members = _propose(rng, cls_name, role, group, ego, duration)
+            tau, members = _propose(rng, cls_name, role, group, ego, duration, prof)
             cats = spec["categories"]
             if cls_name == "bus":
                 category = cats[1] if rng.random() < 0.2 else cats[0]

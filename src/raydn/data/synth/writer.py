@@ -54,8 +54,8 @@ def scene_log_name(sim: SceneSim) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_scene(seed: int, index: int, name: str, n_samples: int) -> SceneSim:
-    return simulate_scene(name, index, seed, n_samples)
+def cached_scene(seed: int, index: int, name: str, n_samples: int, profile: str = "realistic") -> SceneSim:
+    return simulate_scene(name, index, seed, n_samples, profile)
 
 
 def ego_matrix(xy, yaw) -> np.ndarray:
@@ -73,10 +73,10 @@ def _prims_at(sim: SceneSim, t: float):
 
 
 def render_sample(seed: int, index: int, name: str, n_samples: int, k: int, root: str,
-                  scale: float = 0.4, quality: int = 90) -> dict:
+                  scale: float = 0.4, quality: int = 90, profile: str = "realistic") -> dict:
     """Render keyframe ``k`` of scene ``index`` into ``root``; returns the per-sample record used
     to build the tables (timestamps, ego poses, filenames, per-object statistics)."""
-    sim = cached_scene(seed, index, name, n_samples)
+    sim = cached_scene(seed, index, name, n_samples, profile)
     n_obj = len(sim.objects)
     log = scene_log_name(sim)
     t_s = float(sim.sample_t[k])

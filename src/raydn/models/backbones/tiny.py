@@ -79,7 +79,13 @@ class TinyBackbone(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        lat = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
-        for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
-        return [conv(t) for conv, t in zip(self.out_convs, lat)]
+        return top_down_fpn(feats, self.lateral_convs, self.out_convs)
+
+
+def top_down_fpn(feats, lateral_convs, out_convs) -> list:
+    """Mini-FPN: 1x1 laterals, nearest top-down addition (coarse -> fine), one conv per level.
+    ``feats`` fine-to-coarse list of (B, C_i, H_i, W_i) -> list of (B, C_out, H_i, W_i)."""
+    lat = [conv(f) for conv, f in zip(lateral_convs, feats)]
+    for i in range(len(lat) - 1, 0, -1):
+        lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
+    return [conv(t) for conv, t in zip(out_convs, lat)]

