@@ -113,6 +113,18 @@ def test_time_budget_shortens_schedule_and_resume_keeps_it(synth_infos, tmp_path
     assert again.schedule.max_iters == 2 and again.run()["iteration"] == 2
 
 
+def test_time_budget_refit_gives_iterations_back(synth_infos, tmp_path):
+    """The second (steady-speed) fit may lengthen a schedule the first fit shortened, never past the cap."""
+    tr = Trainer(_opts(synth_infos, tmp_path / "refit", max_iters=40, time_budget_s=20.0))
+    tr.iteration = 10
+    tr._fit_time_budget(elapsed=10.0, rate=1.0, cap=40)      # 10 s left at 1 s/it
+    assert tr.schedule.max_iters == 20
+    tr._fit_time_budget(elapsed=12.0, rate=0.5, cap=40)      # 8 s left at 0.5 s/it
+    assert tr.schedule.max_iters == 26
+    tr._fit_time_budget(elapsed=12.0, rate=0.01, cap=40)
+    assert tr.schedule.max_iters == 40
+
+
 def test_checkpoint_files_and_logs(synth_infos, tmp_path):
     out = tmp_path / "logs"
     res = Trainer(_opts(synth_infos, out, max_iters=2, ckpt_interval=1, tensorboard=True)).run()

@@ -95,7 +95,8 @@ def tiny():
 # ------------------------------------------------------------------------------------ presets
 def test_every_preset_builds_with_one_call():
     assert set(list_presets()) == {"r50_raydn", "r50_repdetr3d", "eva02l_raydn",
-                                   "eva02l_repdetr3d", "tiny_raydn", "tiny_repdetr3d"}
+                                   "eva02l_repdetr3d", "tiny_raydn", "tiny_repdetr3d", "demo_raydn",
+                                   "demo_repdetr3d"}
     counts = {}
     for name in list_presets():
         model = build_model(name) if name.startswith("tiny") else _meta_model(name)

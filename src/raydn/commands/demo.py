@@ -33,6 +33,9 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true")
 
 
+#: the project plan's accuracy target for the demo (synthetic mini_val, official metric)
+TARGET = {"mAP": 0.30, "NDS": 0.35}
+
 #: seconds kept for streaming inference, the metric and the pictures after training (2 cores: ~20 s)
 _EVAL_RESERVE_S = 45.0
 
@@ -142,6 +145,7 @@ def run(args) -> int:
     report = {
         "NDS": m["nd_score"], "mAP": m["mean_ap"], "tp_errors": m["tp_errors"],
         "per_class_AP": m["mean_dist_aps"], "iterations": result["iteration"],
+        "target": dict(TARGET, reached=bool(m["mean_ap"] >= TARGET["mAP"] and m["nd_score"] >= TARGET["NDS"])),
         "schedule": result["schedule"], "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "files": {"world": str(root), "infos": {k: str(v) for k, v in paths.items()},
                   "checkpoint": result["checkpoint"], "submission": str(sub),
@@ -153,6 +157,8 @@ def run(args) -> int:
     print("\n================ raydn demo report ================")
     print(f"synthetic mini_val: NDS {m['nd_score']:.4f}  mAP {m['mean_ap']:.4f}  "
           f"(official nuScenes metric, detection_cvpr_2019)")
+    print(f"project target: mAP >= {TARGET['mAP']:.2f}, NDS >= {TARGET['NDS']:.2f} in <= 15 min on 2 cores: "
+          + ("reached" if report["target"]["reached"] else "NOT reached (see README, 'Demo accuracy')"))
     print("TP errors: " + ", ".join(f"{k} {v:.3f}" for k, v in m["tp_errors"].items()))
     print(f"trained {result['iteration']} iterations; time: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")

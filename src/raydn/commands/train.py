@@ -24,8 +24,9 @@ def add_arguments(p):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="wall-clock budget of the training loop: the speed measured over the first 20 "
-                        "iterations may shorten the schedule (cosine end included) to end in time")
+                   help="wall-clock budget of the training loop: the speed measured after 20 and 160 "
+                        "iterations sets the schedule length (cosine end included, never above "
+                        "--max-iters / the recipe) so that training ends in time")
     p.add_argument("--no-ray-dn", action="store_true", help="switch ray denoising off (baseline)")
 
 

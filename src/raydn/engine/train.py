@@ -51,9 +51,10 @@ class TrainOptions:
     progress: bool = True
     tensorboard: bool = True
     stop_after: int | None = None       # stop (with a checkpoint) after this many iterations of this run
-    # Wall-clock budget (s) of this run's training loop: after ``budget_probe`` iterations the measured
-    # speed may *shorten* the schedule (cosine end included) so that training ends in time. Off by
-    # default (the run length then depends on the machine); a resumed run keeps the shortened length.
+    # Wall-clock budget (s) of this run's training loop: the speed measured after ``budget_probe``
+    # iterations, and again at the steady speed 7 probes later, sets the schedule's length (cosine
+    # end included) so that training ends in time -- never longer than the recipe / ``max_iters``.
+    # Off by default (the run length then depends on the machine); a resumed run keeps the length.
     time_budget_s: float | None = None
     budget_probe: int = 20
     model_overrides: dict = field(default_factory=dict)
@@ -220,18 +221,17 @@ class Trainer:
         restore_rng_state(mine["rng"])
 
     # -------------------------------------------------------------- loop
-    def _fit_time_budget(self, elapsed: float, end: int) -> int:
-        """Shorten the schedule to the time budget (all ranks take rank 0's decision)."""
-        done = self.opts.budget_probe
-        start = self.iteration - done
-        fit = start + _shortened_iters(done, elapsed, float(self.opts.time_budget_s), self.schedule.max_iters - start)
+    def _fit_time_budget(self, elapsed: float, rate: float, cap: int) -> None:
+        """Fit the schedule into the time budget: ``elapsed`` s spent so far in this run, ``rate``
+        s per iteration; at most ``cap`` iterations. All ranks take rank 0's decision."""
+        left = float(self.opts.time_budget_s) - elapsed
+        fit = _shortened_iters(self.iteration, 0.0, max(0.0, left), cap, rate=rate)
         fit = int(broadcast_int(fit))
-        if fit < self.schedule.max_iters:
+        if fit != self.schedule.max_iters:
             if self.dist.is_main:
-                print(f"time budget {self.opts.time_budget_s:.0f} s at {elapsed / done:.2f} s/it: "
-                      f"schedule shortened from {self.schedule.max_iters} to {fit} iterations", flush=True)
+                print(f"time budget {self.opts.time_budget_s:.0f} s at {rate:.2f} s/it: schedule "
+                      f"{self.schedule.max_iters} -> {fit} iterations", flush=True)
             self.schedule = replace(self.schedule, max_iters=fit)
-        return min(end, self.schedule.max_iters)
 
     def _set_lr(self) -> None:
         rc = self.preset.train
@@ -282,16 +282,26 @@ class Trainer:
         end = sched.max_iters
         if opts.stop_after is not None:
             end = min(end, self.iteration + opts.stop_after)
+        stop_end = end
         it_loader = iter(self.loader)
         t0 = time.time()
-        probe_at = self.iteration + opts.budget_probe if opts.time_budget_s is not None else None
+        # time budget: a first fit after ``budget_probe`` iterations (start-up included, so cautious),
+        # a second one 7 probes later at the steady speed, which may give iterations back (up to
+        # the recipe's length); the lr change this causes is negligible that early in the cosine
+        probes = {}
+        if opts.time_budget_s is not None:
+            probes = {self.iteration + opts.budget_probe: None, self.iteration + 8 * opts.budget_probe: None}
+        cap, t_probe, it_probe = sched.max_iters, t0, self.iteration
         try:
             while self.iteration < end:
                 batch = next(it_loader)
                 logged = self.train_step(batch)
-                if self.iteration == probe_at:
-                    end = self._fit_time_budget(time.time() - t0, end)
+                if self.iteration in probes:
+                    now = time.time()
+                    self._fit_time_budget(now - t0, (now - t_probe) / (self.iteration - it_probe), cap)
+                    t_probe, it_probe = now, self.iteration
                     sched = self.schedule
+                    end = min(stop_end, sched.max_iters)
                     if bar is not None:
                         bar.total = sched.max_iters
                         bar.refresh()
@@ -323,10 +333,11 @@ class Trainer:
                 "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict()}
 
 
-def _shortened_iters(done: int, elapsed: float, budget: float, max_iters: int) -> int:
-    """Iterations that fit ``budget`` seconds at the speed of ``done`` iterations in ``elapsed``
-    (never more than ``max_iters``, never fewer than ``done``)."""
-    rate = elapsed / max(1, done)
+def _shortened_iters(done: int, elapsed: float, budget: float, max_iters: int,
+                     rate: float | None = None) -> int:
+    """Iterations that fit ``budget`` seconds when ``done`` took ``elapsed`` s, at ``rate`` s/it
+    (default ``elapsed / done``); never more than ``max_iters``, never fewer than ``done``."""
+    rate = elapsed / max(1, done) if rate is None else rate
     return int(max(done, min(max_iters, done + (budget - elapsed) / max(rate, 1e-9))))
 
 

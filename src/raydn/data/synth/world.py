@@ -57,13 +57,14 @@ class WorldProfile:
     ``ego_speed`` (m/s) range of the ego's cruise-speed targets, ``ego_stop_prob`` chance that a
     3-6 s segment is a stop; ``ahead`` / ``ahead_near`` (m) range of an object's longitudinal offset
     from the ego at its anchor time (vehicles, pedestrians / barrier and cone rows); ``spawn``
-    multiplies how many objects of each kind the scene tries to place."""
+    multiplies how many objects (or rows) of each class the scene tries to place: one factor for all
+    classes, or ``((class, factor), ...)`` (classes not named keep 1.0; every class keeps >= 1)."""
     name: str
     ego_speed: tuple = (3.0, 13.0)
     ego_stop_prob: float = 0.15
     ahead: tuple = (-40.0, 55.0)
     ahead_near: tuple = (-25.0, 30.0)
-    spawn: float = 1.0
+    spawn: float | tuple = 1.0
 
 
 #: ``realistic``: nuScenes-like urban driving (objects up to ~60 m, 3-13 m/s).
@@ -72,7 +73,8 @@ class WorldProfile:
 PROFILES = {
     "realistic": WorldProfile("realistic"),
     "demo": WorldProfile("demo", ego_speed=(1.0, 6.0), ego_stop_prob=0.3, ahead=(-25.0, 32.0),
-                         ahead_near=(-18.0, 24.0), spawn=0.5),
+                         ahead_near=(-18.0, 24.0),
+                         spawn=(("car", 0.4), ("pedestrian", 0.5), ("barrier", 0.5), ("traffic_cone", 0.5))),
 }
 
 
@@ -201,8 +203,9 @@ def _jitter_color(rng, base) -> np.ndarray:
     return np.clip(c, 0.02, 1.0)
 
 
-def _spawn_plan(rng: np.random.Generator, spawn: float = 1.0) -> list[tuple[str, str, int]]:
-    """(class, role, group size) of the objects to place in one scene (``spawn`` scales the count)."""
+def _spawn_plan(rng: np.random.Generator, spawn: float | tuple = 1.0) -> list[tuple[str, str, int]]:
+    """(class, role, group size) of the objects to place in one scene (``spawn`` scales the counts,
+    see :class:`WorldProfile`)."""
     plan = [("trailer", "parked", 1), ("trailer", "parked", 1), ("bus", "moving", 1), ("bus", "stopped", 1)]
     plan += [("construction_vehicle", "parked", 1), ("construction_vehicle", "slow", 1)]
     plan += [("truck", "moving", 1), ("truck", "parked", 1), ("truck", "stopped", 1)]
@@ -212,8 +215,16 @@ def _spawn_plan(rng: np.random.Generator, spawn: float = 1.0) -> list[tuple[str,
     plan += [("motorcycle", "moving", 1), ("motorcycle", "moving", 1), ("motorcycle", "parked", 1)]
     plan += [("bicycle", "moving", 1), ("bicycle", "moving", 1), ("bicycle", "parked", 1)]
     plan += [("pedestrian", "moving", 1)] * 7 + [("pedestrian", "standing", 1)] * 3
-    if spawn != 1.0:  # keep every class, scale the number of attempts
-        plan = [plan[int(i)] for i in np.floor(np.arange(round(len(plan) * spawn)) / spawn)]
+    factors = dict(spawn) if isinstance(spawn, tuple) else {c: float(spawn) for c in CLASS_SPECS}
+    if any(f != 1.0 for f in factors.values()):  # keep an evenly spread subset of each class's entries
+        kept = set()  # plan positions; the plan's order is kept (large vehicles are placed first)
+        for c in CLASS_SPECS:
+            pos = [i for i, e in enumerate(plan) if e[0] == c]
+            keep = max(1, round(len(pos) * factors.get(c, 1.0)))
+            if keep < len(pos):
+                pos = [pos[int(j)] for j in np.linspace(0, len(pos) - 1, keep).round()]
+            kept.update(pos)
+        plan = [e for i, e in enumerate(plan) if i in kept]
     return plan
 
 
