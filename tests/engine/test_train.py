@@ -94,11 +94,11 @@ def test_resume_equals_uninterrupted(synth_infos, tmp_path):
         assert torch.equal(v, ck_b["model"][k]), k
 
 
-def test_shortened_iters_arithmetic():
-    from raydn.engine.train import _shortened_iters
-    assert _shortened_iters(20, 10.0, 100.0, 1000) == 200       # 0.5 s/it, 90 s left -> 180 more
-    assert _shortened_iters(20, 10.0, 1e6, 1000) == 1000        # never longer than the schedule
-    assert _shortened_iters(20, 30.0, 10.0, 1000) == 20         # over budget already: stop now
+def test_fitted_iters_arithmetic():
+    from raydn.engine.train import _fitted_iters
+    assert _fitted_iters(20, 90.0, 0.5, 1000) == 200            # 0.5 s/it, 90 s left -> 180 more
+    assert _fitted_iters(20, 1e6, 0.5, 1000) == 1000            # never longer than the schedule
+    assert _fitted_iters(20, -20.0, 1.5, 1000) == 20            # over budget already: stop now
 
 
 def test_time_budget_shortens_schedule_and_resume_keeps_it(synth_infos, tmp_path):

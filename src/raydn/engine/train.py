@@ -224,9 +224,7 @@ class Trainer:
     def _fit_time_budget(self, elapsed: float, rate: float, cap: int) -> None:
         """Fit the schedule into the time budget: ``elapsed`` s spent so far in this run, ``rate``
         s per iteration; at most ``cap`` iterations. All ranks take rank 0's decision."""
-        left = float(self.opts.time_budget_s) - elapsed
-        fit = _shortened_iters(self.iteration, 0.0, max(0.0, left), cap, rate=rate)
-        fit = int(broadcast_int(fit))
+        fit = broadcast_int(_fitted_iters(self.iteration, float(self.opts.time_budget_s) - elapsed, rate, cap))
         if fit != self.schedule.max_iters:
             if self.dist.is_main:
                 print(f"time budget {self.opts.time_budget_s:.0f} s at {rate:.2f} s/it: schedule "
@@ -288,9 +286,9 @@ class Trainer:
         # time budget: a first fit after ``budget_probe`` iterations (start-up included, so cautious),
         # a second one 7 probes later at the steady speed, which may give iterations back (up to
         # the recipe's length); the lr change this causes is negligible that early in the cosine
-        probes = {}
+        probes = set()
         if opts.time_budget_s is not None:
-            probes = {self.iteration + opts.budget_probe: None, self.iteration + 8 * opts.budget_probe: None}
+            probes = {self.iteration + opts.budget_probe, self.iteration + 8 * opts.budget_probe}
         cap, t_probe, it_probe = sched.max_iters, t0, self.iteration
         try:
             while self.iteration < end:
@@ -333,12 +331,10 @@ class Trainer:
                 "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict()}
 
 
-def _shortened_iters(done: int, elapsed: float, budget: float, max_iters: int,
-                     rate: float | None = None) -> int:
-    """Iterations that fit ``budget`` seconds when ``done`` took ``elapsed`` s, at ``rate`` s/it
-    (default ``elapsed / done``); never more than ``max_iters``, never fewer than ``done``."""
-    rate = elapsed / max(1, done) if rate is None else rate
-    return int(max(done, min(max_iters, done + (budget - elapsed) / max(rate, 1e-9))))
+def _fitted_iters(done: int, seconds_left: float, rate: float, cap: int) -> int:
+    """Schedule length when ``done`` iterations are behind and ``seconds_left`` remain at ``rate``
+    s/it: never more than ``cap``, never fewer than ``done``."""
+    return int(max(done, min(cap, done + max(0.0, seconds_left) / max(rate, 1e-9))))
 
 
 def _set_grad_checkpointing(model, enabled: bool) -> None:

