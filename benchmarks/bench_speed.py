@@ -16,9 +16,9 @@ One run measures, at the issue's shapes (6 cameras x 256x704, R50 preset: Q=300,
 
 Variants (same weights, same inputs, same outputs up to float rounding):
 
-* ``baseline``: the same model with the plain ``grid_sample`` reference sampler and every
-  optimisation of :func:`raydn.models.speed.set_fast_paths` switched off (contiguous NCHW
-  convolutions, ...);
+* ``baseline``: the same model built with ``RuntimeOptions.baseline()``
+  (:mod:`raydn.models.options`): the plain ``grid_sample`` reference sampler and every other
+  optimisation switched off (unfolded BN, contiguous NCHW convolutions, SDPA attention);
 * ``ours``: the library defaults (fused sampling op, channels-last encoder, ...).
 
 Every (case, variant) runs in a FRESH child process (so that its peak memory is its own: CPU peak
@@ -87,18 +87,12 @@ def _step_summary(fwd, bwd, **extra) -> dict:
 
 def build(variant: str, device: torch.device):
     """The R50 RayDN detector (random weights, seed 0) configured as ``variant``."""
-    from raydn.models.deformable import deformable_sample
-    from raydn.models.speed import set_fast_paths
-    from raydn.models.transformer import DeformableFeatureAggregation
+    from raydn.models.options import RuntimeOptions
     from raydn.presets import build_model
 
     torch.manual_seed(0)
-    model = build_model("r50_raydn")
-    if variant == "baseline":
-        for m in model.modules():
-            if isinstance(m, DeformableFeatureAggregation):
-                m.sampler = deformable_sample
-    set_fast_paths(model, variant == "ours")
+    options = RuntimeOptions.baseline() if variant == "baseline" else RuntimeOptions()
+    model = build_model("r50_raydn", options=options)
     return model.to(device)
 
 

@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "build_model", "list_presets", "get_preset"]
 
 
-def build_model(preset="r50_raydn", **overrides):
-    """Build a detector from a preset name (see :func:`list_presets`) or a ``Preset``."""
+def build_model(preset="r50_raydn", *, options=None, **overrides):
+    """Build a detector from a preset name (see :func:`list_presets`) or a ``Preset``;
+    ``options``: :class:`raydn.models.options.RuntimeOptions` (speed/backend choices)."""
     from raydn.presets import build_model as _build
-    return _build(preset, **overrides)
+    return _build(preset, options=options, **overrides)
 
 
 def list_presets():

@@ -146,11 +146,13 @@ def get_preset(name: str | Preset) -> Preset:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(_PRESETS)}") from None
 
 
-def build_model(preset: str | Preset = "r50_raydn", **model_overrides):
-    """Build the detector of a preset. ``model_overrides`` replace fields of its ``ModelConfig``."""
+def build_model(preset: str | Preset = "r50_raydn", *, options=None, **model_overrides):
+    """Build the detector of a preset. ``options``: :class:`raydn.models.options.RuntimeOptions`
+    (speed/backend choices; default the fast paths). ``model_overrides`` replace fields of its
+    ``ModelConfig``."""
     from raydn.models.detector import RayDNDetector
     p = get_preset(preset)
     cfg = replace(p.model, **model_overrides) if model_overrides else p.model
-    model = RayDNDetector(cfg)
+    model = RayDNDetector(cfg, options=options)
     model.preset = p.name
     return model

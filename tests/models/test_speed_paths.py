@@ -1,5 +1,6 @@
-"""The speed paths (raydn.models.speed): BN folding, channels-last encoder. They must not change
-results beyond float rounding, and must be switchable (the benchmark's baseline turns them off)."""
+"""The speed paths (raydn.models.options.RuntimeOptions): BN folding, channels-last encoder, sampler,
+explicit CPU attention. They must not change results beyond float rounding, and must be
+switchable at construction (the benchmark's baseline and the ONNX export turn them off)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ from raydn.config import BackboneConfig
 from raydn.data.synthetic_batch import synthetic_frame_batch
 from raydn.models.backbones import build_backbone
 from raydn.models.backbones.resnet import ResNet, conv_bn
-from raydn.models.speed import set_fast_paths
+from raydn.models.options import RuntimeOptions
 from raydn.presets import build_model
 
 
@@ -97,9 +98,15 @@ def test_detector_fast_paths_default_and_switchable():
     assert fast.channels_last and fast.img_backbone.fold_bn
     assert fast.img_backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.img_neck.fpn_convs[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
-    slow = set_fast_paths(copy.deepcopy(fast), False)
+    assert fast.options == RuntimeOptions()
+    torch.manual_seed(0)
+    slow = build_model("r50_raydn", options=RuntimeOptions.baseline()).eval()
     assert not slow.channels_last and not slow.img_backbone.layer1[0].fold_bn
+    assert not slow.img_backbone.fold_bn and slow.img_backbone.layer4[2].fold_bn is False
     assert slow.img_backbone.conv1.weight.is_contiguous()
+    dfa = slow.pts_bbox_head.transformer.decoder.layers[0].attentions[1]
+    assert dfa.sampler.__name__ == "deformable_sample"              # the grid_sample reference
+    assert not slow.pts_bbox_head.transformer.decoder.layers[0].attentions[0].attn.explicit_cpu_training
     # official weights load into channels-last parameters unchanged (values, not layout)
     slow.load_state_dict(fast.state_dict())
     batch = synthetic_frame_batch(1, (64, 176), num_boxes=0, with_targets=False)
@@ -126,6 +133,23 @@ def test_collect_feats_channels_last_is_a_view_with_the_right_values():
     assert len(out) == n and out[0].shape == (2, 3, 64, 8, 22)
     assert out[0].data_ptr() == f.data_ptr()                  # no copy
     torch.testing.assert_close(out[0], f.contiguous().view(2, 3, 64, 8, 22))
+
+
+def test_runtime_options_validate_and_reach_the_modules():
+    with pytest.raises(ValueError, match="unknown sampler 'cuda_op'"):
+        RuntimeOptions(sampler="cuda_op")
+    with pytest.raises(ValueError, match="encoder_autocast"):
+        RuntimeOptions(encoder_autocast=torch.float64)
+    m = build_model("demo_raydn", options=RuntimeOptions(fold_bn=False, channels_last=False,
+                                                         sampler="gather",
+                                                         encoder_autocast=torch.bfloat16))
+    assert not m.channels_last and m.encoder_autocast is torch.bfloat16
+    assert all(not b.fold_bn for b in m.img_backbone.features[1:])
+    dfa = m.pts_bbox_head.transformer.decoder.layers[-1].attentions[1]
+    assert dfa.sampler.__name__ == "deformable_sample_gather"
+    # automatic channels-last for the MobileNetV2 encoder, explicit True for the tiny one
+    assert build_model("demo_raydn").channels_last
+    assert build_model("tiny_raydn", options=RuntimeOptions(channels_last=True)).channels_last
 
 
 def test_tiny_backbone_has_no_fast_path_side_effects():
@@ -178,7 +202,7 @@ def test_explicit_attention_matches_sdpa_and_is_used_in_cpu_training():
         tr._attention_with_dropout = lambda *a: calls.append(1) or orig(*a)
         y1, y2 = mha(x, x, x), mha(x, x, x)
         assert len(calls) == 2 and not torch.equal(y1, y2)
-        set_fast_paths(mha, False)                                      # baseline: SDPA
+        mha.explicit_cpu_training = False                               # baseline: SDPA
         assert not mha.explicit_cpu_training
         mha(x, x, x)
         assert len(calls) == 2

@@ -318,13 +318,15 @@ def read_model_file(path: str | os.PathLike, trust: bool = False) -> tuple[dict,
 
 
 def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bool = True,
-               trust: bool = False) -> nn.Module:
+               trust: bool = False, options=None) -> nn.Module:
     """Build the right preset's detector and load a checkpoint into it (CPU, train mode as
     built; call ``.eval()`` / ``.to(device)`` yourself).
 
     Accepts a ``raydn convert`` output (:data:`MODEL_FORMAT`), a raydn training checkpoint
     (:data:`TRAIN_FORMAT`) or an official checkpoint. ``preset`` overrides the recorded one; a
     file without a preset is matched against :data:`DETECTABLE_PRESETS` by its keys and shapes.
+    ``options``: :class:`raydn.models.options.RuntimeOptions` of the built model (default the fast
+    paths; ``RuntimeOptions.for_export()`` for ONNX export).
     Raises :class:`CheckpointError` (naming the file) when the weights do not fit the model."""
     from raydn.presets import build_model, get_preset
     sd, recorded = read_model_file(path, trust)
@@ -336,7 +338,7 @@ def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bo
         get_preset(name)
     except KeyError as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
-    model = build_model(name)
+    model = build_model(name, options=options)
     sd, report = convert_official_state_dict(sd, expected=model)
     if strict and not report.ok:
         raise CheckpointError(f"{path}: checkpoint does not match preset {name!r}\n{report.summary()}")

@@ -21,11 +21,15 @@ from torch import Tensor, nn
 
 from raydn.config import ModelConfig
 from raydn.data.batch import FrameBatch
+from raydn.models.options import RuntimeOptions
 from raydn.models.state import TemporalState
 
 
 class RayDNDetector(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``options``: the speed/backend choices (:class:`raydn.models.options.RuntimeOptions`; default:
+    the library's fast paths), fixed at construction and kept as :attr:`options`."""
+
+    def __init__(self, cfg: ModelConfig, options: RuntimeOptions | None = None):
         super().__init__()
         from raydn.models.backbones import build_backbone
         from raydn.models.criterion import RayDNCriterion
@@ -33,6 +37,7 @@ class RayDNDetector(nn.Module):
         from raydn.models.neck import build_neck
 
         self.cfg = cfg
+        self.options = RuntimeOptions() if options is None else options
         self.img_backbone = build_backbone(cfg.backbone)
         self.img_neck = build_neck(cfg.neck) if cfg.neck.enabled else None
         if cfg.aux_head.enabled:
@@ -40,7 +45,7 @@ class RayDNDetector(nn.Module):
             self.img_roi_head = build_aux_head(cfg.aux_head)
         else:
             self.img_roi_head = None
-        self.pts_bbox_head = RayDNHead(cfg.head)
+        self.pts_bbox_head = RayDNHead(cfg.head, sampler=self.options.sampler)
         if cfg.use_grid_mask:
             from raydn.models.grid_mask import GridMask
             self.grid_mask = GridMask()
@@ -48,16 +53,28 @@ class RayDNDetector(nn.Module):
             self.grid_mask = None
         self.criterion = RayDNCriterion(cfg.head)
         #: autocast dtype for backbone + neck in training (official: fp16 only there); None = fp32
-        self.encoder_autocast: torch.dtype | None = None
-        #: run backbone + neck (+ aux head) in the channels-last layout (see raydn.models.speed);
-        #: on by default for ResNet backbones (convolution-bound: ~1.3x faster on CPU)
+        self.encoder_autocast: torch.dtype | None = self.options.encoder_autocast
+        #: run backbone + neck (+ aux head) in the channels-last layout (``options.channels_last``)
         self.channels_last = False
-        from raydn.models.backbones.mobilenet import MobileNetV2Backbone
-        from raydn.models.backbones.resnet import ResNet
-        if isinstance(self.img_backbone, (ResNet, MobileNetV2Backbone)):
-            from raydn.models.speed import set_fast_paths
-            set_fast_paths(self, True)
+        self._apply_options()
         self.preset: str | None = None
+
+    def _apply_options(self) -> None:
+        """Put :attr:`options` into the built modules (BN folding, memory layout, attention path)."""
+        from raydn.models.backbones import MobileNetV2Backbone, ResNet
+        from raydn.models.transformer import PackedMultiheadAttention
+        opts = self.options
+        conv_encoder = isinstance(self.img_backbone, (ResNet, MobileNetV2Backbone))
+        if conv_encoder:
+            self.img_backbone.set_fold_bn(opts.fold_bn)
+        self.channels_last = conv_encoder if opts.channels_last is None else bool(opts.channels_last)
+        if self.channels_last:
+            for part in (self.img_backbone, self.img_neck, self.img_roi_head):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        for m in self.pts_bbox_head.modules():
+            if isinstance(m, PackedMultiheadAttention):
+                m.explicit_cpu_training = opts.explicit_cpu_training
 
     def load_pretrained_backbone(self, source: str | None = None):
         """Load backbone weights from ``source`` (default ``cfg.backbone.pretrained``): a ``.pth``

@@ -11,40 +11,22 @@ sin yaw, cos yaw, vx, vy]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from raydn.config import HeadConfig
 from raydn.data.batch import FrameBatch
 from raydn.geometry import (
-    denormalize_points, inverse_sigmoid, nerf_positional_encoding, normalize_points,
-    pos2posemb1d, pos2posemb3d,
+    denormalize_points, inverse_sigmoid, normalize_points, pos2posemb1d, pos2posemb3d,
 )
 from raydn.models.layers import (
     MLN, bias_init_with_prob, build_cls_branch, build_reg_branch, tied_module_list,
 )
 from raydn.models.state import TemporalState
+from raydn.models.temporal import (
+    Memory, current_motion, memory_motion, post_update, pre_update, propagate,
+)
 from raydn.models.transformer import build_transformer
-
-
-def _transform_homogeneous(points: Tensor, matrix: Tensor) -> Tensor:
-    """points (B, L, 3), matrix (B, 4, 4) -> (B, L, 3) as ``(T @ [p; 1])[:3]`` with full 4x4
-    products (the official ``transform_reference_points``; memory points are global
-    coordinates ~1e3 m, so the exact operation order keeps float32 parity at the ulp level)."""
-    ph = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
-    return (matrix.unsqueeze(1) @ ph.unsqueeze(-1)).squeeze(-1)[..., :3]
-
-
-@dataclass
-class _Memory:
-    """Memory inside one forward after ``pre_update`` (current LiDAR frame, ages in seconds)."""
-    embedding: Tensor        # (B, M, C)
-    reference_point: Tensor  # (B, M, 3) metres, current LiDAR frame
-    timestamp: Tensor        # (B, M, 1) float64 age t_now - t_insert
-    egopose: Tensor          # (B, M, 4, 4) insertion frame -> current frame
-    velo: Tensor             # (B, M, 2)
 
 
 class RayDNHead(nn.Module):
@@ -110,60 +92,18 @@ class RayDNHead(nn.Module):
         return TemporalState.zeros(batch_size, self.memory_len, self.embed_dims, device=device)
 
     # ---------------------------------------------------------------- memory
-    def _pre_update(self, state: TemporalState | None, batch: FrameBatch, B: int,
-                    device, dtype) -> _Memory:
-        """Official ``pre_update_memory``: bring the memory into the current LiDAR frame,
-        reset rows of slots whose sequence starts (``prev_exists == 0``), seed the first P rows
-        of reset slots with the frozen pseudo reference points (spec §5.4)."""
-        M, C, P = self.memory_len, self.embed_dims, self.num_propagated
-        x = batch.prev_exists.to(device=device, dtype=dtype).reshape(B)
-        if state is None:  # official "memory is None": zeros, no transform
-            mem = _Memory(x.new_zeros(B, M, C), x.new_zeros(B, M, 3),
-                          torch.zeros(B, M, 1, dtype=torch.float64, device=device),
-                          x.new_zeros(B, M, 4, 4), x.new_zeros(B, M, 2))
-        else:
-            if state.embedding.shape[:2] != (B, M):
-                raise ValueError(f"TemporalState.embedding: expected (B={B}, M={M}, ...), "
-                                 f"got {tuple(state.embedding.shape)}")
-            inv = batch.ego_pose_inv.to(device=device, dtype=dtype)
-            t_now = batch.timestamp.to(device=device, dtype=torch.float64).view(B, 1, 1)
-            xd = x.to(torch.float64).view(B, 1, 1)
-            ts = (state.timestamp.to(torch.float64) + t_now) * xd
-            egopose = (inv.unsqueeze(1) @ state.egopose) * x.view(B, 1, 1, 1)
-            ref = _transform_homogeneous(state.reference_point, inv) * x.view(B, 1, 1)
-            mem = _Memory(state.embedding * x.view(B, 1, 1), ref, ts, egopose,
-                          state.velo * x.view(B, 1, 1))
-        if P > 0:
-            pseudo = denormalize_points(self.pseudo_reference_points.weight, self.pc_range)
-            r = (1 - x).view(B, 1, 1)
-            ref = torch.cat([mem.reference_point[:, :P] + r * pseudo, mem.reference_point[:, P:]], 1)
-            eye = torch.eye(4, device=device, dtype=dtype)
-            ego = torch.cat([mem.egopose[:, :P] + r.unsqueeze(-1) * eye, mem.egopose[:, P:]], 1)
-            mem = _Memory(mem.embedding, ref, mem.timestamp, ego, mem.velo)
-        return mem
+    def pseudo_reference(self) -> Tensor | None:
+        """(P, 3) metres: the frozen pseudo reference points seeding reset slots, or None."""
+        if self.num_propagated == 0:
+            return None
+        return denormalize_points(self.pseudo_reference_points.weight, self.pc_range)
 
-    def _post_update(self, mem: _Memory, batch: FrameBatch, cls_last: Tensor, bbox_last: Tensor,
-                     dec_last: Tensor) -> TemporalState:
-        """Official ``post_update_memory`` on the non-DN slots of the last layer: prepend the
-        top-K queries (detached) and move everything to the global frame; keep M rows."""
-        B, M, K = cls_last.shape[0], self.memory_len, self.topk_proposals
-        score = cls_last.detach().sigmoid().amax(dim=-1)                          # (B, Q+P)
-        idx = torch.topk(score, K, dim=1).indices                                  # (B, K)
-        rec_ref = torch.gather(bbox_last[..., :3].detach(), 1, idx[..., None].expand(-1, -1, 3))
-        rec_velo = torch.gather(bbox_last[..., -2:].detach(), 1, idx[..., None].expand(-1, -1, 2))
-        rec_emb = torch.gather(dec_last.detach(), 1, idx[..., None].expand(-1, -1, dec_last.shape[-1]))
-        eye = torch.eye(4, device=bbox_last.device, dtype=bbox_last.dtype).expand(B, K, 4, 4)
-        ego = batch.ego_pose.to(device=bbox_last.device, dtype=bbox_last.dtype)
-        t_now = batch.timestamp.to(device=bbox_last.device, dtype=torch.float64).view(B, 1, 1)
-        ref = torch.cat([rec_ref, mem.reference_point.detach()], 1)[:, :M]
-        return TemporalState(
-            embedding=torch.cat([rec_emb, mem.embedding.detach()], 1)[:, :M],
-            reference_point=_transform_homogeneous(ref, ego),
-            timestamp=torch.cat([torch.zeros(B, K, 1, dtype=torch.float64, device=ref.device),
-                                 mem.timestamp], 1)[:, :M] - t_now,
-            egopose=ego.unsqueeze(1) @ torch.cat([eye, mem.egopose.detach()], 1)[:, :M],
-            velo=torch.cat([rec_velo, mem.velo.detach()], 1)[:, :M],
-        )
+    def _pre_update(self, state: TemporalState | None, batch: FrameBatch, B: int,
+                    device, dtype) -> Memory:
+        """:func:`raydn.models.temporal.pre_update` with this head's sizes and pseudo points."""
+        return pre_update(state, batch.prev_exists.reshape(B), batch.ego_pose_inv, batch.timestamp,
+                          memory_len=self.memory_len, embed_dims=self.embed_dims,
+                          pseudo_reference=self.pseudo_reference(), dtype=dtype, device=device)
 
     # --------------------------------------------------------------- pieces
     def _flatten_features(self, feats: list[Tensor], batch: FrameBatch):
@@ -186,33 +126,23 @@ class RayDNHead(nn.Module):
             s += H * W
         return feat_flatten, shapes, starts
 
-    def _temporal_alignment(self, query_pos: Tensor, tgt: Tensor, ref: Tensor, mem: _Memory):
+    def _temporal_alignment(self, query_pos: Tensor, tgt: Tensor, ref: Tensor, mem: Memory):
         """Official ``temporal_alignment`` (spec §5.5). Returns tgt, query_pos, ref (with the P
         propagated rows appended), temp_memory, temp_pos (the M - P remaining rows)."""
-        P = self.num_propagated
         temp_ref = normalize_points(mem.reference_point, self.pc_range)
         temp_pos = self.query_embedding(pos2posemb3d(temp_ref, self.embed_dims // 2))
         temp_memory = mem.embedding
         if self.cfg.with_ego_pos:
-            eye = torch.eye(4, device=ref.device, dtype=ref.dtype)[:3].flatten()
-            rec_motion = torch.cat([ref.new_zeros(3), eye]).expand(*ref.shape[:2], 15)
-            rec_motion = nerf_positional_encoding(rec_motion)
+            rec_motion = current_motion(ref)
             tgt = self.ego_pose_memory(tgt, rec_motion)
             query_pos = self.ego_pose_pe(query_pos, rec_motion)
-            mem_motion = torch.cat([mem.velo, mem.timestamp.to(mem.velo.dtype),
-                                    mem.egopose[..., :3, :].flatten(-2)], dim=-1)
-            mem_motion = nerf_positional_encoding(mem_motion)
+            mem_motion = memory_motion(mem)
             temp_pos = self.ego_pose_pe(temp_pos, mem_motion)
             temp_memory = self.ego_pose_memory(temp_memory, mem_motion)
         query_pos = query_pos + self.time_embedding(pos2posemb1d(torch.zeros_like(ref[..., :1]), self.embed_dims))
         temp_pos = temp_pos + self.time_embedding(
             pos2posemb1d(mem.timestamp, self.embed_dims).to(temp_pos.dtype))
-        if P > 0:
-            tgt = torch.cat([tgt, temp_memory[:, :P]], dim=1)
-            query_pos = torch.cat([query_pos, temp_pos[:, :P]], dim=1)
-            ref = torch.cat([ref, temp_ref[:, :P]], dim=1)
-            temp_memory, temp_pos = temp_memory[:, P:], temp_pos[:, P:]
-        return tgt, query_pos, ref, temp_memory, temp_pos
+        return propagate(tgt, query_pos, ref, temp_memory, temp_pos, temp_ref, self.num_propagated)
 
     def _predict(self, outs_dec: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
         """Shared branches on every layer with the SAME reference points (no refinement).
@@ -280,8 +210,8 @@ class RayDNHead(nn.Module):
         outs_dec = torch.nan_to_num(outs_dec)
         all_cls, all_box = self._predict(outs_dec, ref)
 
-        new_state = self._post_update(mem, batch, all_cls[-1, :, D:], all_box[-1, :, D:],
-                                      outs_dec[-1, :, D:])
+        new_state = post_update(mem, batch.ego_pose, batch.timestamp, all_cls[-1, :, D:],
+                                all_box[-1, :, D:], outs_dec[-1, :, D:], self.topk_proposals)
         out = {
             "all_cls_scores": all_cls[:, :, D:], "all_bbox_preds": all_box[:, :, D:], "dn": dn,
             "dn_cls_scores": all_cls[:, :, :D] if dn is not None else None,
@@ -292,7 +222,3 @@ class RayDNHead(nn.Module):
                        reference_points=ref, attn_mask=attn_mask, outs_dec=outs_dec)
         return out, new_state
 
-
-def build_head(cfg: HeadConfig, *, sampler: str = "fused") -> RayDNHead:
-    """Explicit builder of the RayDN head."""
-    return RayDNHead(cfg, sampler=sampler)

@@ -13,7 +13,7 @@ stride-32 map for stride 64, nearest top-down addition and one 3x3 conv per leve
 Input: images (B, 3, H, W) normalised with the ImageNet RGB statistics (see
 :data:`IMAGENET_MEAN_RGB`). ``frozen_stages`` = k freezes ``features.0 .. features.{k-1}``
 (no gradient, BN in eval mode); ``frozen_bn`` freezes every BN of the encoder. Eval-mode BNs are
-folded into their convolutions (``fold_bn``, as in the ResNet; :func:`set_fast_paths` switches it).
+folded into their convolutions (``fold_bn``, as in the ResNet; ``RuntimeOptions.fold_bn`` switches it).
 """
 from __future__ import annotations
 
@@ -111,6 +111,12 @@ class MobileNetV2Backbone(nn.Module):
         for m in self._frozen_modules():
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
+
+    def set_fold_bn(self, enabled: bool) -> None:
+        """Fold (or not) the eval-mode BatchNorms of every conv-BN pair."""
+        for m in self.modules():
+            if isinstance(m, (_ConvBNAct, InvertedResidual)):
+                m.fold_bn = bool(enabled)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -212,6 +212,13 @@ class ResNet(nn.Module):
             for p in m.parameters():
                 p.requires_grad_(False)
 
+    def set_fold_bn(self, enabled: bool) -> None:
+        """Fold (or not) the eval-mode BatchNorms of the stem and of every block."""
+        self.fold_bn = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, _CheckpointedBlock):
+                m.fold_bn = bool(enabled)
+
     def train(self, mode: bool = True):
         """Like ``nn.Module.train`` but frozen stages and (``norm_eval``) all BatchNorms stay in eval."""
         super().train(mode)
