@@ -35,21 +35,21 @@ def test_projected_gt_centres_hit_the_augmented_object(synth_world, synth_infos,
     index = (key * 5) % len(ds)
     item = ds[(index, (0, key))]
     iap = sample_image_aug(cfg, np.random.default_rng([11, 0, key]))  # the same draw as the item
-    assert item["meta"]["aug"]["flip"] == iap.flip and item["meta"]["aug"]["crop"] == iap.crop
-    token = item["meta"]["sample_token"]
+    assert item.meta["aug"]["flip"] == iap.flip and item.meta["aug"]["crop"] == iap.crop
+    token = item.meta["sample_token"]
     masks, ann_tokens = render_instance_masks(synth_world, token)
     aug_masks = [_decode(apply_image_aug(_encode(m), iap, fast=True)) for m in masks]
 
-    boxes = item["gt_boxes"].double().numpy()
-    l2i = item["lidar2img"].double().numpy()
-    ego = item["ego_pose"].double().numpy()
+    boxes = item.gt_boxes.double().numpy()
+    l2i = item.lidar2img.double().numpy()
+    ego = item.ego_pose.double().numpy()
     anns = [synth_nusc.get("sample_annotation", t) for t in ann_tokens]
     ann_xyz = np.array([a["translation"] for a in anns])
     H, W = cfg.final_dim
     rec = ds.infos[index]
     ego_orig = pose_matrix(rec["ego2global_rotation"], rec["ego2global_translation"]) @ \
         pose_matrix(rec["lidar2ego_rotation"], rec["lidar2ego_translation"])
-    extr = item["extrinsics"].double().numpy()          # un-augmented LiDAR -> camera
+    extr = item.extrinsics.double().numpy()          # un-augmented LiDAR -> camera
     raw_l2i = []
     for cam, name in enumerate(CAMERA_NAMES):
         K = np.eye(4)

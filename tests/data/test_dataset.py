@@ -39,7 +39,7 @@ def test_sorted_groups_and_prev_exists(world):
     want = np.ones(len(ds), dtype=np.float32)
     want[[0, 5, 9, 15, 18]] = 0
     np.testing.assert_array_equal(ev.prev_exists, want)
-    assert ev[9]["prev_exists"] == 0.0 and ev[10]["prev_exists"] == 1.0
+    assert ev[9].prev_exists == 0.0 and ev[10].prev_exists == 1.0
 
 
 def test_scene_token_fallback_and_split_rule():
@@ -58,31 +58,31 @@ def test_item_tensors_match_calibration(world):
     ds = NuScenesStreamingDataset(infos, aug_config_r50(False))
     s = ds[7]
     rec = ds.infos[7]
-    assert s["images"].shape == (6, 3, 256, 704) and s["images"].dtype == torch.float32
+    assert s.images.shape == (6, 3, 256, 704) and s.images.dtype == torch.float32
     for k in ("intrinsics", "extrinsics", "lidar2img"):
-        assert s[k].shape == (6, 4, 4) and s[k].dtype == torch.float32
+        assert getattr(s, k).shape == (6, 4, 4) and getattr(s, k).dtype == torch.float32
     # ego_pose = E2G · L2E (lidar -> global), checked with pyquaternion
     e2g = Quaternion(rec["ego2global_rotation"]).transformation_matrix
     e2g[:3, 3] = rec["ego2global_translation"]
     l2e = Quaternion(rec["lidar2ego_rotation"]).transformation_matrix
     l2e[:3, 3] = rec["lidar2ego_translation"]
-    np.testing.assert_allclose(s["ego_pose"].double().numpy(), e2g @ l2e, rtol=1e-6, atol=1e-4)
-    np.testing.assert_allclose((s["ego_pose"].double() @ s["ego_pose_inv"].double()).numpy(), np.eye(4), atol=1e-4)
-    assert isinstance(s["timestamp"], float) and s["timestamp"] == rec["timestamp"] / 1e6
+    np.testing.assert_allclose(s.ego_pose.double().numpy(), e2g @ l2e, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose((s.ego_pose.double() @ s.ego_pose_inv.double()).numpy(), np.eye(4), atol=1e-4)
+    assert isinstance(s.timestamp, float) and s.timestamp == rec["timestamp"] / 1e6
     # test transform: K' = A K with r = 0.44, crop (0, 140); lidar2img = intrinsics · extrinsics
     for i, cam in enumerate(CAMERA_NAMES):
         k, r, t = camera_calib(cam)
         a = np.array([[0.44, 0, 0], [0, 0.44, -140], [0, 0, 1]])
-        np.testing.assert_allclose(s["intrinsics"][i, :3, :3].double().numpy(), a @ k, rtol=1e-6)
-        assert s["intrinsics"][i, 3, 3] == 1 and s["intrinsics"][i, :3, 3].abs().max() == 0
-        np.testing.assert_allclose(s["extrinsics"][i, :3, :3].double().numpy(), r.T, atol=1e-6)
-        np.testing.assert_allclose(s["extrinsics"][i, :3, 3].double().numpy(), -r.T @ t, atol=1e-6)
-    np.testing.assert_allclose(s["lidar2img"].numpy(), (s["intrinsics"] @ s["extrinsics"]).numpy(), rtol=1e-5, atol=1e-3)
-    assert s["gt_boxes_2d"] is None  # test pipeline: no 2D labels
-    assert s["meta"]["sample_token"] == rec["token"] and s["meta"]["index"] == 7
-    assert s["meta"]["pad_shape"] == (256, 704)
+        np.testing.assert_allclose(s.intrinsics[i, :3, :3].double().numpy(), a @ k, rtol=1e-6)
+        assert s.intrinsics[i, 3, 3] == 1 and s.intrinsics[i, :3, 3].abs().max() == 0
+        np.testing.assert_allclose(s.extrinsics[i, :3, :3].double().numpy(), r.T, atol=1e-6)
+        np.testing.assert_allclose(s.extrinsics[i, :3, 3].double().numpy(), -r.T @ t, atol=1e-6)
+    np.testing.assert_allclose(s.lidar2img.numpy(), (s.intrinsics @ s.extrinsics).numpy(), rtol=1e-5, atol=1e-3)
+    assert s.gt_boxes_2d is None  # test pipeline: no 2D labels
+    assert s.meta["sample_token"] == rec["token"] and s.meta["index"] == 7
+    assert s.meta["pad_shape"] == (256, 704)
     # uniform image colour -> exact normalised RGB value
-    px = s["images"][:, :, 100, 100]
+    px = s.images[:, :, 100, 100]
     want = (torch.tensor([90.0, 120.0, 150.0]) - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
     assert (px - want).abs().max() < 0.05
 
@@ -102,16 +102,16 @@ def test_gt_filtering(tmp_path):
                       valid=[True, True, False, True, True])
     ds = NuScenesStreamingDataset([rec], aug_config_r50(False))
     s = ds[0]
-    assert s["gt_labels"].tolist() == [0, 8]
+    assert s.gt_labels.tolist() == [0, 8]
     want = np.concatenate([boxes[[0, 4]], [[1.0, 2.0], [0.0, 0.0]]], 1)
     want[:, 6] = limit_yaw(want[:, 6])
-    np.testing.assert_allclose(s["gt_boxes"].double().numpy(), want, rtol=1e-6)  # gravity centre kept
-    assert s["gt_boxes"][0, 6] < np.pi
+    np.testing.assert_allclose(s.gt_boxes.double().numpy(), want, rtol=1e-6)  # gravity centre kept
+    assert s.gt_boxes[0, 6] < np.pi
     # training: the 2D labels go through resize/crop/flip and are inside the image
     tr = NuScenesStreamingDataset([rec], aug_config_r50(True), seed=4)
     t = tr[0]
-    assert len(t["gt_boxes_2d"]) == 6
-    for b, c in zip(t["gt_boxes_2d"], t["centers_2d"]):
+    assert len(t.gt_boxes_2d) == 6
+    for b, c in zip(t.gt_boxes_2d, t.centers_2d):
         if len(b):
             assert (b[:, 0] >= 0).all() and (b[:, 2] <= 704).all() and (b[:, 3] <= 256).all()
             assert ((b[:, 2] - b[:, 0]) >= 2).all() and (c[:, 0] <= 704).all()
@@ -170,6 +170,6 @@ def test_info_pickle_and_data_root(world, tmp_path):
     path = tmp_path / "nuscenes2d_temporal_infos_train.pkl"
     path.write_bytes(pickle.dumps(infos, protocol=2))  # mmcv writes protocol 2
     ds = NuScenesStreamingDataset(path, aug_config_r50(False))
-    assert len(ds) == 25 and ds[0]["images"].shape == (6, 3, 256, 704)
+    assert len(ds) == 25 and ds[0].images.shape == (6, 3, 256, 704)
     assert resolve_image_path("./data/nuscenes/samples/CAM_FRONT/x.jpg", "/d/nus").as_posix() == "/d/nus/samples/CAM_FRONT/x.jpg"
     assert resolve_image_path("samples/CAM_BACK/y.jpg", None).as_posix() == "samples/CAM_BACK/y.jpg"

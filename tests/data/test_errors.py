@@ -64,7 +64,7 @@ def test_nan_box(good_jpeg):
     # NaN velocity is legal (official: set to 0)
     rec = _rec(_paths(good_jpeg), velocity=np.array([[np.nan, np.nan]]))
     s = NuScenesStreamingDataset([rec], aug_config_r50(False))[0]
-    assert s["gt_boxes"][0, 7:].abs().sum() == 0
+    assert s.gt_boxes[0, 7:].abs().sum() == 0
 
 
 @pytest.mark.parametrize("field, value, msg", [

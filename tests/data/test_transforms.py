@@ -35,19 +35,19 @@ def _check_render(sample: dict, owners, cfg: AugConfig) -> float:
     (augmented) corners projected with the augmented lidar2img, clipped to the image. Returns the
     largest deviation in pixels."""
     fH, fW = cfg.final_dim
-    boxes = sample["gt_boxes"].double().numpy()
+    boxes = sample.gt_boxes.double().numpy()
     assert len(boxes) == 12
     corners = box_corners(boxes)
     worst = 0.0
     checked = 0
     for ci, bi in owners:
-        l2i = sample["lidar2img"][ci].double().numpy()
+        l2i = sample.lidar2img[ci].double().numpy()
         uv, d = project(corners[bi], l2i)
         assert (d > 0).all()
         lo, hi = uv.min(0), uv.max(0)
         lo_c = np.clip(lo, [0, 0], [fW, fH])
         hi_c = np.clip(hi, [0, 0], [fW, fH])
-        img = _denorm(sample["images"][ci], cfg)
+        img = _denorm(sample.images[ci], cfg)
         mask = np.abs(img - np.array(PALETTE[bi], dtype=np.float32)).max(-1) < 40
         if (hi_c - lo_c).min() < 4:  # (almost) cropped away: the colour must (almost) vanish
             assert mask.sum() <= 4 * max(1.0, (hi_c - lo_c).max())
@@ -57,7 +57,7 @@ def _check_render(sample: dict, owners, cfg: AugConfig) -> float:
         want = np.concatenate([lo_c, hi_c])
         err = np.abs(got - want).max()
         worst = max(worst, err)
-        assert err <= 2.0, (CAMERA_NAMES[ci], bi, got, want, sample["meta"]["aug"])
+        assert err <= 2.0, (CAMERA_NAMES[ci], bi, got, want, sample.meta["aug"])
         # the projected centre lands on the object's colour
         cu, cd = project(boxes[bi, :3], l2i)
         if lo_c[0] + 3 < cu[0] < hi_c[0] - 3 and lo_c[1] + 3 < cu[1] < hi_c[1] - 3:
@@ -82,17 +82,17 @@ def test_projection_matches_pixels_after_augmentation(render_world, cfg, seeds):
         ds.reseed(seed)
         s = ds[0]
         _check_render(s, owners, cfg)
-        aug = s["meta"]["aug"]
+        aug = s.meta["aug"]
         flips.add(aug["flip"])
         if cfg.training:
             assert aug["rot"] != 0.0 and aug["scale"] != 1.0
         if aug["flip"]:
-            assert (s["intrinsics"][:, 0, 0] < 0).all()
+            assert (s.intrinsics[:, 0, 0] < 0).all()
         else:
-            assert (s["intrinsics"][:, 0, 0] > 0).all()
+            assert (s.intrinsics[:, 0, 0] > 0).all()
         newW = int(1600 * aug["resize"])
         if newW < cfg.final_dim[1]:  # black fill beyond the resized image
-            img = _denorm(s["images"][0], cfg)
+            img = _denorm(s.images[0], cfg)
             cols = slice(0, cfg.final_dim[1] - newW) if aug["flip"] else slice(newW, None)
             assert np.abs(img[:, cols]).max() < 1e-3
     if cfg.training and cfg.rand_flip and len(seeds) >= 6:
@@ -134,20 +134,20 @@ def test_dataset_global_aug_leaves_intrinsics_extrinsics(render_world):
     cfg = aug_config_r50(True)
     ds = NuScenesStreamingDataset(infos, cfg, seed=3)
     s = ds[0]
-    aug = s["meta"]["aug"]
+    aug = s.meta["aug"]
     # extrinsics are the raw calibration inverse (never augmented)
     want_ext = np.stack([np.linalg.inv(_c2l(c)) for c in CAMERA_NAMES])
-    np.testing.assert_allclose(s["extrinsics"].double().numpy(), want_ext, atol=1e-5)
+    np.testing.assert_allclose(s.extrinsics.double().numpy(), want_ext, atol=1e-5)
     # intrinsics = A K of the image aug only
     p = ImageAugParams(aug["resize"], (int(1600 * aug["resize"]), int(900 * aug["resize"])),
                        aug["crop"], aug["flip"])
     for i, c in enumerate(CAMERA_NAMES):
-        np.testing.assert_allclose(s["intrinsics"][i, :3, :3].double().numpy(),
+        np.testing.assert_allclose(s.intrinsics[i, :3, :3].double().numpy(),
                                    ida_matrix(p) @ camera_calib(c)[0], rtol=1e-6, atol=1e-3)
     m = global_rot_scale_matrix(GlobalAugParams(aug["rot"], aug["scale"]))
-    ie = (s["intrinsics"].double() @ s["extrinsics"].double()).numpy()
-    np.testing.assert_allclose(s["lidar2img"].double().numpy(), ie @ np.linalg.inv(m), rtol=1e-5, atol=1e-2)
-    assert not np.allclose(s["lidar2img"].numpy(), ie, atol=1e-2)  # the aug did change lidar2img
+    ie = (s.intrinsics.double() @ s.extrinsics.double()).numpy()
+    np.testing.assert_allclose(s.lidar2img.double().numpy(), ie @ np.linalg.inv(m), rtol=1e-5, atol=1e-2)
+    assert not np.allclose(s.lidar2img.numpy(), ie, atol=1e-2)  # the aug did change lidar2img
 
 
 def _c2l(cam):

@@ -10,7 +10,8 @@ Index ``i`` is the position in the **timestamp-sorted** info list. Sequence stru
 * ``prev_exists`` is 0 at every sub-sequence start in training and at every scene start in test
   mode (where the official detector derives it from ``scene_token`` changes, §3.3).
 
-Item (a ``dict``; :func:`raydn.data.loader.collate_frames` turns a list into a ``FrameBatch``):
+Item: a :class:`raydn.data.frames.FrameInputs` (:func:`raydn.data.frames.collate_frames` turns a list
+into a ``FrameBatch``):
 
 * ``images`` (6, 3, H, W) float32 normalised RGB (H, W = padded ``final_dim``);
 * ``intrinsics`` (6, 4, 4) viewpad with the augmented K; ``extrinsics`` (6, 4, 4) LiDAR -> camera
@@ -34,10 +35,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from raydn.data.infos import has_annotations, load_info_file, pose_matrix, validate_infos
+from raydn.data.frames import FrameInputs, camera_matrices, invert_rigid, load_camera_images
 from raydn.data.transforms import (
-    AugConfig, ImageAugParams, apply_global_rot_scale, apply_image_aug,
-    filter_boxes_range, filter_invisible, ida_matrix, limit_yaw, normalize_images, pad_images,
-    sample_global_aug, sample_image_aug, transform_boxes_2d,
+    AugConfig, ImageAugParams, apply_global_rot_scale, filter_boxes_range, filter_invisible,
+    ida_matrix, limit_yaw, sample_global_aug, sample_image_aug, transform_boxes_2d,
 )
 from raydn.errors import DataError
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, PC_RANGE
@@ -199,7 +200,7 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
         self.rng = np.random.default_rng([int(seed), int(rank), int(worker_id)])
 
     # ------------------------------------------------------------------ item
-    def __getitem__(self, index) -> dict:
+    def __getitem__(self, index) -> FrameInputs:
         """``index``: a frame index, or ``(index, key)`` from a keyed sampler: the augmentation is
         then drawn from ``default_rng([seed, *key])``, a function of the stream position only."""
         rng = self.rng
@@ -219,27 +220,16 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
         cam2lidar = pose_matrix(np.stack([np.asarray(c["sensor2lidar_rotation"], np.float64) for c in cams]),
                                 np.stack([np.asarray(c["sensor2lidar_translation"], np.float64).reshape(3)
                                           for c in cams]))
-        rt = np.swapaxes(cam2lidar[:, :3, :3], 1, 2)
-        extr = np.zeros((6, 4, 4))
-        extr[:, :3, :3] = rt
-        extr[:, :3, 3] = -np.einsum("nij,nj->ni", rt, cam2lidar[:, :3, 3])
-        extr[:, 3, 3] = 1.0
-        intr = np.tile(np.eye(4), (6, 1, 1))
-        intr[:, :3, :3] = np.stack([np.asarray(c["cam_intrinsic"], np.float64) for c in cams])
-        intr[:, :3, :3] = ida_matrix(iap)[None] @ intr[:, :3, :3]
-        lidar2img = intr @ extr
+        extr = invert_rigid(cam2lidar)
+        intr, lidar2img = camera_matrices(np.stack([np.asarray(c["cam_intrinsic"], np.float64) for c in cams]),
+                                          extr, ida_matrix(iap)[None])
         ego_pose = pose_matrix(rec["ego2global_rotation"], rec["ego2global_translation"]) @ \
             pose_matrix(rec["lidar2ego_rotation"], rec["lidar2ego_translation"])
-        ego_pose_inv = np.eye(4)
-        ego_pose_inv[:3, :3] = ego_pose[:3, :3].T
-        ego_pose_inv[:3, 3] = -ego_pose[:3, :3].T @ ego_pose[:3, 3]
+        ego_pose_inv = invert_rigid(ego_pose)
 
         # -- images
         paths = [resolve_image_path(c["data_path"], self.data_root) for c in cams]
-        draft = _draft_size(cfg, iap)
-        imgs = np.stack([np.asarray(apply_image_aug(load_image(p, cfg.src_size, draft), iap, cfg.fast_resize))
-                         for p in paths])
-        images = pad_images(normalize_images(imgs, cfg.img_mean, cfg.img_std), cfg.size_divisor)
+        images = load_camera_images(paths, cfg, [iap] * len(paths), [cfg.src_size] * len(paths))
 
         # -- annotations
         gt_boxes = gt_labels = None
@@ -258,16 +248,13 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
 
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         fH, fW = cfg.final_dim
-        out = {
-            "images": images,
-            "intrinsics": f32(intr), "extrinsics": f32(extr), "lidar2img": f32(lidar2img),
-            "ego_pose": f32(ego_pose), "ego_pose_inv": f32(ego_pose_inv),
-            "timestamp": float(rec["timestamp"]) / 1e6,
-            "prev_exists": float(self.prev_exists[index]),
-            "gt_boxes": None if gt_boxes is None else f32(gt_boxes.reshape(-1, 9)),
-            "gt_labels": None if gt_labels is None else torch.from_numpy(gt_labels.astype(np.int64)),
-            "gt_boxes_2d": None, "gt_labels_2d": None, "centers_2d": None, "depths_2d": None,
-            "meta": {
+        item = FrameInputs.from_arrays(
+            images=images, intrinsics=intr, extrinsics=extr, lidar2img=lidar2img,
+            ego_pose=ego_pose, ego_pose_inv=ego_pose_inv,
+            timestamp=float(rec["timestamp"]) / 1e6, prev_exists=float(self.prev_exists[index]),
+            gt_boxes=None if gt_boxes is None else f32(gt_boxes.reshape(-1, 9)),
+            gt_labels=None if gt_labels is None else torch.from_numpy(gt_labels.astype(np.int64)),
+            meta={
                 "sample_token": rec["token"], "scene_token": rec["scene_token"], "index": index,
                 "img_timestamp": [float(c["timestamp"]) / 1e6 for c in cams],
                 "img_shape": (fH, fW), "pad_shape": tuple(images.shape[-2:]),
@@ -275,10 +262,8 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
                 "aug": {"resize": iap.resize, "crop": iap.crop, "flip": iap.flip,
                         "rot": gap.rot, "scale": gap.scale},
             },
-        }
-        if g2d is not None:
-            out.update(g2d)
-        return out
+            **(g2d or {}))
+        return item
 
     def _boxes_3d(self, rec: dict, index: int):
         """get_ann_info + ObjectRangeFilter + limit_yaw + ObjectNameFilter -> ((n, 9) f64, (n,) i64)."""
@@ -329,15 +314,3 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
             out["centers_2d"].append(torch.from_numpy(c.astype(np.float32).reshape(-1, 2)))
             out["depths_2d"].append(torch.from_numpy(d.astype(np.float32).reshape(-1)))
         return out
-
-
-def _draft_size(cfg: AugConfig, p: ImageAugParams) -> tuple | None:
-    """Largest libjpeg DCT reduction (1/2, 1/4, 1/8) that divides the source size exactly and
-    still yields at least ``resize_dims``; ``None`` if disabled or not applicable."""
-    if not cfg.jpeg_draft:
-        return None
-    H, W = cfg.src_size
-    for f in (8, 4, 2):
-        if H % f == 0 and W % f == 0 and p.resize_dims[0] <= W // f and p.resize_dims[1] <= H // f:
-            return (W // f, H // f)
-    return None

@@ -1,7 +1,7 @@
 """Batching into :class:`~raydn.data.batch.FrameBatch` and DataLoader builders.
 
-* :func:`collate_frames` stacks dataset items (dicts from
-  :class:`~raydn.data.dataset.NuScenesStreamingDataset`) into a ``FrameBatch``.
+* :func:`collate_frames` (from :mod:`raydn.data.frames`) stacks dataset items
+  (:class:`~raydn.data.frames.FrameInputs`) into a ``FrameBatch``.
 * :func:`build_train_loader` — :class:`~raydn.data.sampler.StreamingGroupSampler` as batch sampler,
   workers seeded by :class:`WorkerSeeder`.
 * :func:`build_eval_loader` — :class:`~raydn.data.sampler.SceneOrderSampler`, batch 1, first frame
@@ -16,45 +16,16 @@ augmentations is deterministic.
 from __future__ import annotations
 
 import random
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from raydn.data.batch import FrameBatch
+from raydn.data.frames import FrameInputs, collate_frames
 from raydn.data.sampler import SceneOrderSampler, StreamingGroupSampler
 
 __all__ = ["collate_frames", "build_train_loader", "build_eval_loader", "WorkerSeeder",
            "ForcedResetDataset"]
-
-
-def collate_frames(samples: Sequence[dict]) -> FrameBatch:
-    """List of B dataset items -> ``FrameBatch`` (images (B, 6, 3, H, W) float32, matrices float32,
-    ``timestamp`` (B,) float64, ``prev_exists`` (B,) float32, targets as per-sample lists; targets
-    are ``None`` unless every item has them)."""
-    if not samples:
-        raise ValueError("collate_frames: empty batch")
-    stack = lambda k: torch.stack([s[k] for s in samples])  # noqa: E731
-    images = stack("images") if samples[0].get("images") is not None else None
-    pad = tuple(samples[0]["meta"]["pad_shape"]) if "meta" in samples[0] else tuple(images.shape[-2:])
-
-    def lst(k):
-        vals = [s.get(k) for s in samples]
-        return None if any(v is None for v in vals) else vals
-
-    return FrameBatch(
-        images=images,
-        intrinsics=stack("intrinsics"), extrinsics=stack("extrinsics"), lidar2img=stack("lidar2img"),
-        ego_pose=stack("ego_pose"), ego_pose_inv=stack("ego_pose_inv"),
-        timestamp=torch.tensor([float(s["timestamp"]) for s in samples], dtype=torch.float64),
-        prev_exists=torch.tensor([float(s["prev_exists"]) for s in samples], dtype=torch.float32),
-        pad_shape=(int(pad[0]), int(pad[1])),
-        gt_boxes=lst("gt_boxes"), gt_labels=lst("gt_labels"),
-        gt_boxes_2d=lst("gt_boxes_2d"), gt_labels_2d=lst("gt_labels_2d"),
-        centers_2d=lst("centers_2d"), depths_2d=lst("depths_2d"),
-        meta=[dict(s.get("meta", {})) for s in samples],
-    )
 
 
 class WorkerSeeder:
@@ -88,11 +59,9 @@ class ForcedResetDataset(Dataset):
         if hasattr(self.dataset, "reseed"):
             self.dataset.reseed(*args)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> FrameInputs:
         item = self.dataset[index]
-        if int(index) in self.reset_indices:
-            item["prev_exists"] = 0.0
-        return item
+        return item.with_reset() if int(index) in self.reset_indices else item
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool, persistent_workers: bool,
