@@ -152,7 +152,11 @@ class RayDNDetector(nn.Module):
     def predict(self, batch: FrameBatch, state: TemporalState | None = None
                 ) -> tuple[list[dict], TemporalState]:
         """Decoded detections per sample: dicts with ``boxes`` (k, 9) LiDAR boxes (gravity centre),
-        ``scores`` (k,), ``labels`` (k,). Use in eval mode."""
+        ``scores`` (k,), ``labels`` (k,). Use in eval mode. A batch with another camera count than
+        the model's or with NaN/inf images, calibration or poses raises ``DataError`` before the
+        memory is touched (``raydn.data.validate.check_frame_batch``): ``state`` stays as it was."""
+        from raydn.data.validate import check_frame_batch
         from raydn.models.decode import decode
+        check_frame_batch(batch, self.cfg.head.num_cams)
         outputs, state, _ = self.forward(batch, state)
         return decode(outputs, self.cfg.head), state
