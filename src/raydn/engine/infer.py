@@ -1,4 +1,6 @@
-"""Streaming inference in scene order and evaluation with the nuScenes metric.
+"""Streaming inference in scene order and evaluation with the nuScenes metric (``raydn eval``;
+``raydn infer`` -- detections as JSON lines, pictures, video, own cameras -- is
+:mod:`raydn.engine.stream`).
 
 The official test loop (spec §2.6, §3.3): batch 1, every scene in time order, the temporal memory
 reset at each new scene (``prev_exists`` = 0; here also at the first frame of a rank's chunk under
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from raydn.engine.distributed import DistInfo, is_dist
+from raydn.engine.distributed import is_dist
 from raydn.errors import DataError
 
 
@@ -123,25 +125,3 @@ def evaluate_submission(result_path, *, dataroot, version: str, eval_set: str | 
         if not quiet and metrics is None:
             print(format_summary(fast))
     return EvalReport(Path(result_path), metrics, fast, seconds)
-
-
-def run_evaluation(model, dataset, *, dataroot, version: str, out_dir, eval_set: str | None = None,
-                   evaluator: str = "devkit", dist_info: DistInfo | None = None, num_workers: int = 2,
-                   progress: bool = True, plots: bool = True, quiet: bool = False) -> EvalReport | None:
-    """Streaming inference over ``dataset`` + submission + metric. Returns the report on rank 0."""
-    rank = dist_info.rank if dist_info else 0
-    world = dist_info.world_size if dist_info else 1
-    t = time.time()
-    dets, _ = stream_inference(model, dataset, rank=rank, world_size=world, num_workers=num_workers,
-                               progress=progress)
-    t_inf = time.time() - t
-    if rank != 0:
-        return None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_submission(dets, dataset.infos, out_dir / "results_nusc.json")
-    rep = evaluate_submission(path, dataroot=dataroot, version=version, eval_set=eval_set,
-                              out_dir=out_dir, evaluator=evaluator, plots=plots, quiet=quiet)
-    rep.seconds["inference"] = t_inf
-    rep.seconds["frames_per_second"] = len(dataset) / max(t_inf, 1e-9)
-    return rep

@@ -118,13 +118,17 @@ def render_bev(pred_boxes=None, pred_labels=None, gt_boxes=None, extent: float =
 
 
 def render_frame(images: np.ndarray, lidar2img: torch.Tensor, pred: dict | None, gt_boxes=None,
-                 score_threshold: float = 0.3, title: str | None = None) -> Image.Image:
-    """Cameras on the left, BEV on the right, one picture. ``pred``: dict(boxes, scores, labels)."""
+                 score_threshold: float = 0.3, title: str | None = None,
+                 camera_names=CAMERA_NAMES) -> Image.Image:
+    """Cameras on the left, BEV on the right, one picture. ``images`` (N, H, W, 3) uint8 (any N),
+    ``lidar2img`` (N, 4, 4); ``pred``: dict(boxes (k, 9) LiDAR/vehicle frame, scores, labels);
+    ``camera_names``: the N view labels (default: the six nuScenes cameras)."""
     pb = pl = None
     if pred is not None:
         keep = pred["scores"] >= score_threshold
         pb, pl = pred["boxes"][keep], pred["labels"][keep]
-    cams = render_cameras(images, lidar2img, pb, pl, gt_boxes)
+    cams = render_cameras(images, lidar2img, pb, pl, gt_boxes, cols=min(3, len(images)),
+                          camera_names=tuple(camera_names))
     bev = render_bev(pb, pl, gt_boxes, size=cams.height, title=title)
     out = Image.new("RGB", (cams.width + bev.width, cams.height))
     out.paste(cams, (0, 0))

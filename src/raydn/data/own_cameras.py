@@ -1,0 +1,350 @@
+"""Your own cameras: a folder of frames + a calibration/odometry file -> :class:`FrameInputs`.
+
+The calibration file (JSON, or YAML with PyYAML installed) describes N >= 1 cameras and the frames
+in time order (the README has a complete example)::
+
+    cameras:                                  # any number N >= 1, any image size
+      - name: front                           # unique; default "cam<i>"
+        intrinsics: [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]   # pixels of the original image
+        cam_to_vehicle: [[...], [...], [...], [0, 0, 0, 1]] # 4x4 camera -> vehicle, or instead
+        # rotation: [w, x, y, z]              #   unit quaternion camera -> vehicle
+        # translation: [x, y, z]              #   metres
+        image_size: [1600, 900]               # optional [width, height]; default: the first frame's
+    frames:
+      - timestamp: 1533151603.5               # seconds, strictly increasing
+        vehicle_to_world: [[...], ..., [0, 0, 0, 1]]  # 4x4 vehicle -> world, or rotation + translation
+        images: {front: frames/000000_front.jpg}      # every camera; or a list in camera order
+
+Frames: the vehicle frame is x forward, y left, z up (the model's "LiDAR frame"), metres; camera
+axes are OpenCV's (x right, y down, z forward). Image paths are relative to ``frames_dir``
+(default: the calibration file's folder) unless absolute.
+
+Every image goes through the dataset's test-time transform (:func:`raydn.data.frames.test_time_params`:
+resize by ``max(fH / H, fW / W)``, centred crop in width, bottom-aligned in height) with the
+intrinsics updated the same way (``K' = ida @ K``), per camera (cameras may differ in size).
+
+World coordinates: the model keeps its memory in float32 world coordinates, which lose
+centimetres beyond ~100 km (UTM-scale poses). :class:`CameraRigFrames` therefore feeds the model
+poses relative to ``world_origin`` (the first frame's position, float64) and keeps the origin in
+``meta`` so that outputs can be returned in the file's world frame exactly.
+
+Errors are :class:`CalibrationError` and name the file, the field, the camera and the frame.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydn.data.frames import FrameInputs, camera_matrices, invert_rigid, load_camera_images, test_time_params
+from raydn.data.infos import pose_matrix
+from raydn.data.transforms import AugConfig, ida_matrix
+from raydn.errors import DataError
+
+__all__ = ["CalibrationError", "CameraCalib", "RigFrame", "CameraRig", "load_camera_rig",
+           "CameraRigFrames"]
+
+RIGID_TOL = 1e-3       # |R R^T - I| and |det R - 1| of rotations given as matrices
+QUAT_TOL = 1e-3        # |‖q‖ - 1| of quaternions
+
+
+class CalibrationError(DataError):
+    """A calibration/odometry file or one of its images is wrong (the message names the field,
+    the camera and the frame)."""
+
+
+@dataclass(frozen=True)
+class CameraCalib:
+    """One camera: ``intrinsics`` (3, 3) K in pixels of its original images, ``cam_to_vehicle``
+    (4, 4) float64, ``image_size`` (W, H) or None (taken from the first frame)."""
+    name: str
+    intrinsics: np.ndarray
+    cam_to_vehicle: np.ndarray
+    image_size: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class RigFrame:
+    """One frame: ``timestamp`` float64 seconds, ``vehicle_to_world`` (4, 4) float64, one image
+    path per camera (camera order)."""
+    index: int
+    timestamp: float
+    vehicle_to_world: np.ndarray
+    images: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class CameraRig:
+    source: str
+    cameras: tuple[CameraCalib, ...]
+    frames: tuple[RigFrame, ...]
+
+    @property
+    def num_cams(self) -> int:
+        return len(self.cameras)
+
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.cameras)
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+def _short(value: Any, n: int = 60) -> str:
+    s = repr(value)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def _matrix(value: Any, shape: tuple, where: str) -> np.ndarray:
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{where}: expected a {'x'.join(map(str, shape))} array of numbers, "
+                               f"got {_short(value)}") from None
+    if a.shape != shape:
+        raise CalibrationError(f"{where}: expected shape {'x'.join(map(str, shape))}, "
+                               f"got {'x'.join(map(str, a.shape)) or 'a scalar'} ({_short(value)})")
+    if not np.isfinite(a).all():
+        raise CalibrationError(f"{where}: contains NaN or infinite values")
+    return a
+
+
+def _rigid(d: dict, matrix_key: str, where: str) -> np.ndarray:
+    """A rigid transform given as ``matrix_key`` (4x4) or as ``rotation`` (wxyz) + ``translation``."""
+    if matrix_key in d:
+        if "rotation" in d or "translation" in d:
+            raise CalibrationError(f"{where}: give either '{matrix_key}' or 'rotation' + 'translation', not both")
+        m = _matrix(d[matrix_key], (4, 4), f"{where}: field '{matrix_key}'")
+        r = m[:3, :3]
+        err = max(float(np.abs(r @ r.T - np.eye(3)).max()), abs(float(np.linalg.det(r)) - 1.0))
+        if err > RIGID_TOL:
+            raise CalibrationError(f"{where}: field '{matrix_key}': the top-left 3x3 block is not a "
+                                   f"rotation (|R R^T - I| or |det R - 1| = {err:.2g} > {RIGID_TOL})")
+        if np.abs(m[3] - np.array([0.0, 0.0, 0.0, 1.0])).max() > 1e-9:
+            raise CalibrationError(f"{where}: field '{matrix_key}': the last row must be [0, 0, 0, 1], "
+                                   f"got {m[3].tolist()}")
+        return m
+    missing = [k for k in ("rotation", "translation") if k not in d]
+    if missing:
+        raise CalibrationError(f"{where}: missing field '{matrix_key}' (4x4) or "
+                               f"{' + '.join(repr(k) for k in missing)}")
+    q = _matrix(d["rotation"], (4,), f"{where}: field 'rotation' (quaternion w, x, y, z)")
+    norm = float(np.linalg.norm(q))
+    if abs(norm - 1.0) > QUAT_TOL:
+        raise CalibrationError(f"{where}: field 'rotation': quaternion norm {norm:.6g} is not 1 "
+                               "(expected a unit quaternion in w, x, y, z order)")
+    t = _matrix(d["translation"], (3,), f"{where}: field 'translation'")
+    return pose_matrix(q / norm, t)
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: calibration file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"{path}: cannot read the calibration file ({e})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise CalibrationError(f"{path}: reading YAML needs PyYAML (pip install 'raydn[infer]'); "
+                                   "or give the same content as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise CalibrationError(f"{path}: not valid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{path}: expected a mapping with 'cameras' and 'frames' at the top, "
+                               f"got {type(data).__name__}")
+    return data
+
+
+def _camera(c: Any, i: int, src: str, names: set) -> CameraCalib:
+    if not isinstance(c, dict):
+        raise CalibrationError(f"{src}: cameras[{i}]: expected a mapping, got {_short(c)}")
+    name = c.get("name", f"cam{i}")
+    if not isinstance(name, str) or not name:
+        raise CalibrationError(f"{src}: cameras[{i}]: field 'name' must be a non-empty string, got {_short(name)}")
+    if name in names:
+        raise CalibrationError(f"{src}: cameras[{i}]: duplicate camera name {name!r}")
+    where = f"{src}: cameras[{i}] ({name})"
+    if "intrinsics" not in c:
+        raise CalibrationError(f"{where}: missing field 'intrinsics' (3x3)")
+    K = _matrix(c["intrinsics"], (3, 3), f"{where}: field 'intrinsics'")
+    if np.abs(K[2] - np.array([0.0, 0.0, 1.0])).max() > 1e-9 or K[1, 0] != 0:
+        raise CalibrationError(f"{where}: field 'intrinsics' must be a pinhole matrix "
+                               f"[[fx, s, cx], [0, fy, cy], [0, 0, 1]], got {K.tolist()}")
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise CalibrationError(f"{where}: field 'intrinsics': fx and fy must be > 0, got {K[0, 0]}, {K[1, 1]}")
+    extr = _rigid(c, "cam_to_vehicle", where)
+    size = c.get("image_size")
+    if size is not None:
+        s = _matrix(size, (2,), f"{where}: field 'image_size' ([width, height])")
+        if (s <= 0).any() or (s != np.round(s)).any():
+            raise CalibrationError(f"{where}: field 'image_size' must be two positive integers, got {size}")
+        size = (int(s[0]), int(s[1]))
+    return CameraCalib(name, K, extr, size)
+
+
+def _frame(f: Any, j: int, src: str, cams: tuple, root: Path, prev_t: float | None) -> RigFrame:
+    if not isinstance(f, dict):
+        raise CalibrationError(f"{src}: frames[{j}]: expected a mapping, got {_short(f)}")
+    if "timestamp" not in f:
+        raise CalibrationError(f"{src}: frames[{j}]: missing field 'timestamp' (seconds)")
+    t = f["timestamp"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(float(t)):
+        raise CalibrationError(f"{src}: frames[{j}]: field 'timestamp' must be a finite number of "
+                               f"seconds, got {_short(t)}")
+    t = float(t)
+    if prev_t is not None and not t > prev_t:
+        raise CalibrationError(f"{src}: frames[{j}]: field 'timestamp' {t!r} is not greater than "
+                               f"frames[{j - 1}]'s {prev_t!r} (frames must be in strictly increasing time)")
+    where = f"{src}: frames[{j}] (t={t!r})"
+    pose = _rigid(f, "vehicle_to_world", where)
+    if "images" not in f:
+        raise CalibrationError(f"{where}: missing field 'images' (one file per camera)")
+    imgs = f["images"]
+    names = [c.name for c in cams]
+    if isinstance(imgs, dict):
+        unknown = sorted(set(map(str, imgs)) - set(names))
+        if unknown:
+            raise CalibrationError(f"{where}: field 'images': unknown camera(s) {unknown}; cameras are {names}")
+        missing = [n for n in names if n not in imgs]
+        if missing:
+            raise CalibrationError(f"{where}: field 'images': no image for camera(s) {missing}")
+        files = [imgs[n] for n in names]
+    elif isinstance(imgs, list):
+        if len(imgs) != len(cams):
+            raise CalibrationError(f"{where}: field 'images' lists {len(imgs)} files for {len(cams)} cameras {names}")
+        files = imgs
+    else:
+        raise CalibrationError(f"{where}: field 'images' must map camera names to files (or list them "
+                               f"in camera order), got {_short(imgs)}")
+    paths = []
+    for n, p in zip(names, files):  # per camera: validation of user strings
+        if not isinstance(p, str) or not p:
+            raise CalibrationError(f"{where}: camera '{n}': image path must be a non-empty string, got {_short(p)}")
+        paths.append(Path(p) if os.path.isabs(p) else root / p)
+    return RigFrame(j, t, pose, tuple(paths))
+
+
+def load_camera_rig(path: str | os.PathLike, frames_dir: str | os.PathLike | None = None) -> CameraRig:
+    """Parse and validate a calibration/odometry file (JSON or ``.yaml``/``.yml``) -> :class:`CameraRig`.
+
+    Checks every field (shapes, finiteness, rotations, pinhole form, strictly increasing
+    timestamps, one image per camera per frame); image files are checked by
+    :meth:`CameraRigFrames.check_images` / when loaded."""
+    path = Path(path)
+    src = str(path)
+    data = _read_mapping(path)
+    for key in ("cameras", "frames"):
+        if key not in data:
+            raise CalibrationError(f"{src}: missing top-level field '{key}'")
+        if not isinstance(data[key], list) or not data[key]:
+            raise CalibrationError(f"{src}: field '{key}' must be a non-empty list, got {_short(data[key])}")
+    names: set = set()
+    cams = []
+    for i, c in enumerate(data["cameras"]):  # per camera: parsing
+        cams.append(_camera(c, i, src, names))
+        names.add(cams[-1].name)
+    cams = tuple(cams)
+    root = Path(frames_dir) if frames_dir is not None else path.parent
+    frames, prev = [], None
+    for j, f in enumerate(data["frames"]):  # per frame: parsing
+        frames.append(_frame(f, j, src, cams, root, prev))
+        prev = frames[-1].timestamp
+    return CameraRig(src, cams, tuple(frames))
+
+
+# ------------------------------------------------------------------------------------ frames
+
+def _open_size(path: Path, where: str) -> tuple[int, int]:
+    """(W, H) from the image header (no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise CalibrationError(f"{where}: image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CalibrationError(f"{where}: cannot read image {path} ({type(e).__name__}: {e})") from None
+
+
+class CameraRigFrames(torch.utils.data.Dataset):
+    """The frames of a :class:`CameraRig` as :class:`FrameInputs` for a model of input size
+    ``aug.final_dim`` (test-time transform; ``aug.training`` is ignored).
+
+    Item ``j``: ``images`` (N, 3, fH, fW), ``lidar2img`` etc. in the vehicle frame, ``ego_pose``
+    vehicle -> world **relative to** :attr:`world_origin` (float32), ``prev_exists`` 0 at frame 0
+    (fresh memory), ``meta``: ``index``, ``frame``, ``timestamp``, ``camera_names``,
+    ``image_paths``, ``world_origin`` (3,) float64 metres."""
+
+    def __init__(self, rig: CameraRig, aug: AugConfig, *, relative_world: bool = True):
+        self.rig = rig
+        self.aug = aug
+        self.world_origin = (rig.frames[0].vehicle_to_world[:3, 3].copy() if relative_world
+                             else np.zeros(3))
+        sizes = []
+        for c in rig.cameras:  # per camera: image size from the file or the first frame
+            wh = c.image_size or _open_size(rig.frames[0].images[len(sizes)],
+                                            f"{rig.source}: frames[0] camera '{c.name}'")
+            sizes.append((int(wh[1]), int(wh[0])))                        # (H, W)
+        self.src_sizes = tuple(sizes)
+        self.params = tuple(test_time_params(aug, s) for s in sizes)
+        ida = np.stack([ida_matrix(p) for p in self.params])               # (N, 3, 3)
+        K = np.stack([c.intrinsics for c in rig.cameras])
+        self.vehicle2cam = invert_rigid(np.stack([c.cam_to_vehicle for c in rig.cameras]))
+        self.intrinsics, self.lidar2img = camera_matrices(K, self.vehicle2cam, ida)
+
+    def __len__(self) -> int:
+        return len(self.rig.frames)
+
+    def check_images(self) -> None:
+        """Every image of every frame exists, is an image and has its camera's size (headers
+        only: fast); raises :class:`CalibrationError` naming the frame and the camera."""
+        for f in self.rig.frames:  # per file: a header read each
+            for c, p, (H, W) in zip(self.rig.cameras, f.images, self.src_sizes):
+                where = f"{self.rig.source}: frames[{f.index}] (t={f.timestamp!r}) camera '{c.name}'"
+                wh = _open_size(p, where)
+                if wh != (W, H):
+                    raise CalibrationError(f"{where}: image {p} is {wh[0]}x{wh[1]}, expected {W}x{H} "
+                                           "(the camera's image_size / its first frame)")
+
+    def __getitem__(self, j: int) -> FrameInputs:
+        from raydn.data.dataset import load_image
+        f = self.rig.frames[int(j)]
+
+        def loader(path, src_size, draft):
+            cam = f.images.index(path)
+            where = (f"{self.rig.source}: frames[{f.index}] (t={f.timestamp!r}) "
+                     f"camera '{self.rig.cameras[cam].name}'")
+            try:
+                return load_image(path, src_size, draft)
+            except CalibrationError:
+                raise
+            except DataError as e:
+                raise CalibrationError(f"{where}: {e}") from None
+
+        images = load_camera_images(f.images, self.aug, self.params, self.src_sizes, loader=loader)
+        pose = f.vehicle_to_world.copy()
+        pose[:3, 3] -= self.world_origin
+        return FrameInputs.from_arrays(
+            images=images, intrinsics=self.intrinsics, extrinsics=self.vehicle2cam,
+            lidar2img=self.lidar2img, ego_pose=pose, ego_pose_inv=invert_rigid(pose),
+            timestamp=f.timestamp, prev_exists=0.0 if f.index == 0 else 1.0,
+            meta={"index": f.index, "frame": f.index, "timestamp": f.timestamp,
+                  "camera_names": list(self.rig.camera_names),
+                  "image_paths": [str(p) for p in f.images],
+                  "world_origin": self.world_origin.copy()})

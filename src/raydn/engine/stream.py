@@ -1,0 +1,416 @@
+"""``raydn infer``: streaming inference of a trained model over a nuScenes dataroot (real or
+synthetic) or over your own cameras, written as JSON lines, pictures and an MP4 video.
+
+Frames come as :class:`~raydn.data.frames.FrameInputs` from
+:class:`~raydn.data.dataset.NuScenesStreamingDataset` (test transform, scenes in time order,
+memory reset at every scene start) or :class:`~raydn.data.own_cameras.CameraRigFrames` (memory reset
+at the first frame), one frame per step (batch 1), through the same :func:`collate_frames`.
+
+Output, one JSON object per line and frame (``--out``, written to a temporary file and renamed at
+the end: an interrupted or failed run leaves no partial file)::
+
+    {"frame": 0, "index": 0, "timestamp": 1533151603.547, "new_sequence": true,
+     "scene": "scene-0103", "sample_token": "...",                 # nuScenes input only
+     "detections": [{"id": 17, "label": 0, "name": "car", "score": 0.81,
+                     "box": [x, y, z, l, w, h, yaw, vx, vy],        # vehicle (model) frame
+                     "box_global": [x, y, z, l, w, h, yaw, vx, vy]}]}
+
+``box``: gravity-centre box in the vehicle-fixed frame the model works in (nuScenes: the LIDAR_TOP
+frame of the sample; own cameras: the calibration file's vehicle frame), metres, radians, m/s.
+``box_global``: the same box in the world frame (``ego_pose`` of the frame, float64; own cameras:
+the calibration file's world frame). ``id``: the memory track id (see
+:mod:`raydn.engine.query_ids`): a detection made by a query propagated from the memory keeps the
+id that query got when it was first inserted; ``null`` where the backend cannot report it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raydn.data.frames import collate_frames
+from raydn.engine.query_ids import QueryIdTracker
+from raydn.errors import DataError, RaydnError
+from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, transform_points
+
+__all__ = ["TorchBackend", "OnnxBackend", "open_backend", "boxes_to_global", "frame_record",
+           "select_nuscenes_records", "nuscenes_stream", "run_stream", "StreamReport",
+           "check_camera_count"]
+
+
+# ---------------------------------------------------------------------------------- backends
+
+class TorchBackend:
+    """A :class:`~raydn.models.detector.RayDNDetector` in eval mode. ``step`` returns the model's
+    own ``predict`` output plus the last decoder layer of the head (captured by a forward hook,
+    for the query ids) without running anything twice."""
+
+    name = "torch"
+
+    def __init__(self, model, device=None):
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+        head = model.cfg.head
+        self.num_cams = int(head.num_cams)
+        self.class_names = tuple(CLASS_NAMES[:head.num_classes])
+        self.preset = getattr(model, "preset", None)
+        self._head_cfg = head
+        self._captured: dict = {}
+        model.pts_bbox_head.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output) -> None:
+        out = output[0]
+        self._captured["cls"] = out["all_cls_scores"][-1]
+        self._captured["box"] = out["all_bbox_preds"][-1]
+
+    def tracker(self, batch_size: int = 1) -> QueryIdTracker:
+        return QueryIdTracker.for_head(self._head_cfg, batch_size)
+
+    def init_state(self, batch_size: int = 1):
+        return self.model.init_state(batch_size, self.device)
+
+    @torch.no_grad()
+    def step(self, batch, state):
+        """-> (detections (list of dicts, CPU), state, cls_last (B, Q+P, K), bbox_last (B, Q+P, 10))."""
+        self._captured.clear()
+        dets, state = self.model.predict(batch.to(self.device), state)
+        cls, box = self._captured.pop("cls"), self._captured.pop("box")
+        return [{k: v.detach().cpu() for k, v in d.items()} for d in dets], state, cls, box
+
+
+class OnnxBackend:
+    """A `raydn export` output run by onnxruntime (:class:`raydn.deploy.OnnxDetector`)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir):
+        try:
+            from raydn.deploy import OnnxDetector
+        except ImportError as e:
+            raise RaydnError(f"--backend onnxruntime needs raydn.deploy and onnxruntime ({e}); "
+                             "install onnxruntime or use --backend torch") from None
+        self.det = OnnxDetector(onnx_dir)
+        meta = self.det.metadata
+        self.num_cams = int(self.det.num_cams)
+        self.class_names = tuple(self.det.class_names)
+        self.preset = self.det.preset
+        self._meta = meta
+
+    def tracker(self, batch_size: int = 1) -> QueryIdTracker | None:
+        m = self._meta
+        need = ("num_query", "num_propagated", "memory_len", "topk_proposals", "max_num")
+        if not all(k in m for k in need):
+            return None
+        return QueryIdTracker(batch_size, num_query=m["num_query"], num_propagated=m["num_propagated"],
+                              memory_len=m["memory_len"], topk=m["topk_proposals"], max_num=m["max_num"],
+                              post_center_range=m.get("post_center_range"))
+
+    def init_state(self, batch_size: int = 1):
+        return self.det.init_state(batch_size)
+
+    def step(self, batch, state):
+        outs, state = self.det.step(batch, state)
+        dets = []
+        for b in range(outs["boxes"].shape[0]):  # per slot: ragged kept rows
+            keep = outs["keep"][b]
+            dets.append({"boxes": torch.from_numpy(outs["boxes"][b][keep]),
+                         "scores": torch.from_numpy(outs["scores"][b][keep]),
+                         "labels": torch.from_numpy(outs["labels"][b][keep].astype(np.int64))})
+        cls = torch.from_numpy(outs["cls_logits"]) if "cls_logits" in outs else None
+        box = torch.from_numpy(outs["bbox_preds"]) if "bbox_preds" in outs else None
+        return dets, state, cls, box
+
+
+def open_backend(backend: str, *, checkpoint=None, onnx_dir=None, device=None, model=None):
+    """``'torch'`` (``model`` or ``checkpoint`` via :func:`raydn.interop.convert.load_model`) or
+    ``'onnxruntime'`` (``onnx_dir``)."""
+    if backend == "torch":
+        if model is None:
+            if checkpoint is None:
+                raise RaydnError("--backend torch needs --checkpoint")
+            from raydn.interop.convert import load_model
+            model = load_model(checkpoint)
+        return TorchBackend(model, device)
+    if backend == "onnxruntime":
+        if onnx_dir is None:
+            raise RaydnError("--backend onnxruntime needs --onnx DIR (a `raydn export` output)")
+        return OnnxBackend(onnx_dir)
+    raise RaydnError(f"unknown backend {backend!r}; expected 'torch' or 'onnxruntime'")
+
+
+def check_camera_count(model_cams: int, data_cams: int, what: str) -> None:
+    if int(model_cams) != int(data_cams):
+        raise DataError(f"{what} has {data_cams} camera(s) but the model was built for {model_cams}: "
+                        f"the presets are trained for {model_cams} cameras (a model for another "
+                        "camera count needs its own training)")
+
+
+# ---------------------------------------------------------------------------------- records
+
+def boxes_to_global(boxes: Tensor, pose: Tensor) -> Tensor:
+    """(k, 9) boxes ``[x, y, z, l, w, h, yaw, vx, vy]`` in the vehicle frame -> world frame with
+    ``pose`` (4, 4) vehicle -> world; float64. Centres are transformed, yaw is the world heading
+    of the box's x axis, velocities are rotated; sizes are unchanged."""
+    b = boxes.to(torch.float64)
+    T = pose.to(torch.float64)
+    R = T[:3, :3]
+    centre = transform_points(b[None, :, :3], T[None])[0]
+    zero = torch.zeros_like(b[:, 0])
+    heading = torch.stack([torch.cos(b[:, 6]), torch.sin(b[:, 6]), zero], -1) @ R.T
+    vel = torch.stack([b[:, 7], b[:, 8], zero], -1) @ R.T
+    yaw = torch.atan2(heading[:, 1], heading[:, 0])
+    return torch.cat([centre, b[:, 3:6], yaw[:, None], vel[:, :2]], -1)
+
+
+def frame_record(frame: int, meta: dict, timestamp: float, new_sequence: bool, det: dict,
+                 ids: Tensor | None, pose: Tensor, class_names: Sequence[str],
+                 score_thr: float, scene: str | None = None) -> dict:
+    """The JSON object of one frame (see the module docstring); detections with
+    ``score >= score_thr``, in the model's order (descending score). Boxes rounded to 0.1 mm /
+    1e-4 rad, scores to 1e-6."""
+    keep = det["scores"] >= score_thr
+    boxes = det["boxes"][keep]
+    g = boxes_to_global(boxes, pose)
+    rec = {"frame": int(frame), "index": int(meta.get("index", frame)), "timestamp": float(timestamp),
+           "new_sequence": bool(new_sequence)}
+    if "sample_token" in meta:
+        rec.update(scene=scene, sample_token=meta["sample_token"])
+    labels = det["labels"][keep].tolist()
+    scores = np.round(det["scores"][keep].double().numpy(), 6).tolist()
+    ids_l = ids[keep].tolist() if ids is not None else [None] * len(labels)
+    b = np.round(boxes.double().numpy(), 4).tolist()
+    gl = np.round(g.numpy(), 4).tolist()
+    rec["detections"] = [  # serialisation is per detection by nature
+        {"id": i, "label": int(lab), "name": class_names[int(lab)], "score": s, "box": bb, "box_global": gg}
+        for i, lab, s, bb, gg in zip(ids_l, labels, scores, b, gl)]
+    return rec
+
+
+# ---------------------------------------------------------------------------------- nuScenes input
+
+def _default_split(version: str) -> str:
+    return {"v1.0-mini": "mini_val", "v1.0-trainval": "val", "v1.0-test": "test"}.get(version, "val")
+
+
+def detect_version(dataroot) -> str:
+    root = Path(dataroot)
+    if not root.is_dir():
+        raise DataError(f"nuScenes dataroot {root} does not exist or is not a folder")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("v1.0-"))
+    if len(found) != 1:
+        raise DataError(f"{root}: {'no' if not found else 'several'} nuScenes version folders "
+                        f"({', '.join(found) or 'none'}); pass --version")
+    return found[0]
+
+
+def select_nuscenes_records(dataroot, *, version: str | None = None, infos=None,
+                            scenes: Sequence[str] | None = None, split: str | None = None
+                            ) -> tuple[list[dict], dict[str, str], str]:
+    """Info records of the chosen scenes -> ``(records, {scene_token: scene_name}, version)``.
+
+    ``scenes``: scene names (e.g. ``scene-0103``); else every scene of ``split`` (default: the
+    version's validation split: ``mini_val`` / ``val`` / ``test``) present in the dataroot.
+    ``infos``: an info pickle from ``raydn prepare`` (else the records are built from the tables
+    in memory, which needs nuscenes-devkit)."""
+    version = version or detect_version(dataroot)
+    from raydn.data.prepare import check_dataroot
+    vdir = check_dataroot(dataroot, version)
+    table = json.loads((vdir / "scene.json").read_text())
+    name_of = {s["token"]: s["name"] for s in table}
+    by_name = {v: k for k, v in name_of.items()}
+    if scenes:
+        unknown = [s for s in scenes if s not in by_name]
+        if unknown:
+            have = sorted(by_name)
+            raise DataError(f"{dataroot} ({version}) has no scene {', '.join(unknown)}; it has "
+                            f"{len(have)}: {', '.join(have[:12])}{' ...' if len(have) > 12 else ''}")
+        wanted = [by_name[s] for s in scenes]
+    else:
+        split = split or _default_split(version)
+        try:
+            from nuscenes.utils.splits import create_splits_scenes
+        except ImportError:
+            raise DataError("choosing scenes by split needs nuscenes-devkit (pip install 'raydn[nuscenes]'); "
+                            "or pass --scene NAME") from None
+        splits = create_splits_scenes()
+        if split not in splits:
+            raise DataError(f"unknown nuScenes split {split!r}; expected one of {', '.join(sorted(splits))}")
+        wanted = [by_name[n] for n in splits[split] if n in by_name]
+        if not wanted:
+            raise DataError(f"{dataroot} ({version}) has none of the scenes of split {split!r}")
+    wanted_set = set(wanted)
+    if infos is not None:
+        from raydn.data.infos import load_info_file
+        records = [r for r in load_info_file(infos)["infos"] if r["scene_token"] in wanted_set]
+        if not records:
+            raise DataError(f"{infos}: no frames of the chosen scene(s) "
+                            f"({', '.join(name_of[t] for t in wanted[:5])}) in this info file")
+    else:
+        records = _build_records(dataroot, version, wanted)
+    return records, {t: name_of[t] for t in wanted}, version
+
+
+def _build_records(dataroot, version: str, scene_tokens: Sequence[str]) -> list[dict]:
+    """Info records (no annotations) of the given scenes straight from the tables."""
+    try:
+        from nuscenes.nuscenes import NuScenes
+    except ImportError:
+        raise DataError("reading a dataroot without --infos needs nuscenes-devkit "
+                        "(pip install 'raydn[nuscenes]'); or pass --infos from `raydn prepare`") from None
+    from raydn.data.prepare import build_info
+    nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+    records = []
+    for st in scene_tokens:  # per scene, per sample: table walks
+        tok = nusc.get("scene", st)["first_sample_token"]
+        idx = 0
+        while tok:
+            sample = nusc.get("sample", tok)
+            records.append(build_info(nusc, sample, str(dataroot), True, idx))
+            tok, idx = sample["next"], idx + 1
+    return records
+
+
+def nuscenes_stream(records: list[dict], aug, *, data_root=None):
+    """The test-mode dataset of ``records`` (time order, memory reset at each scene start)."""
+    from raydn.data.dataset import NuScenesStreamingDataset
+    return NuScenesStreamingDataset(records, replace(aug, training=False), data_root=data_root,
+                                    test_mode=True, load_annotations=False, validate=True)
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+@dataclass
+class StreamReport:
+    frames: int
+    detections: int
+    seconds: float
+    out: Path | None
+    render_dir: Path | None = None
+    video: Path | None = None
+    video_frames: int = 0
+    ids: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / max(self.seconds, 1e-9)
+
+
+def _video_fps(frames_dataset, default: float = 2.0) -> float:
+    """Frame rate from the median time step of a camera rig (1..60 Hz); ``default`` otherwise."""
+    rig = getattr(frames_dataset, "rig", None)
+    if rig is None or len(rig.frames) < 2:
+        return default
+    dt = float(np.median(np.diff([f.timestamp for f in rig.frames])))
+    return float(min(60.0, max(1.0, round(1.0 / dt)))) if dt > 0 else default
+
+
+def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: float | None = None,
+               score_thr: float = 0.3, aug=None, scene_names: dict | None = None,
+               num_workers: int = 0, limit: int | None = None, progress: bool = True,
+               on_frame: Callable[[int, dict], None] | None = None) -> StreamReport:
+    """Run ``backend`` over the dataset ``frames`` (items :class:`FrameInputs`, in stream order)
+    one frame at a time and write the outputs.
+
+    ``out``: JSON-lines path (atomic); ``render_dir``: one PNG per frame (each atomic);
+    ``video``: MP4 path (atomic; ``fps`` default: the rig's frame rate, 2 Hz for nuScenes
+    keyframes); ``score_thr``: detections kept in the JSON and drawn; ``aug``: the
+    :class:`AugConfig` (for the image mean/std when rendering); ``on_frame(n, record)``: called
+    after every frame (memory probes). Nothing is kept per frame (flat memory on long streams)."""
+    from torch.utils.data import DataLoader
+
+    from raydn.io import atomic_path
+    n_total = len(frames) if limit is None else min(int(limit), len(frames))
+    if n_total == 0:
+        raise DataError("no frames to run")
+    aug = aug if aug is not None else getattr(frames, "aug", None)
+    if (render_dir is not None or video is not None) and aug is None:
+        raise ValueError("run_stream: rendering needs aug (image mean/std)")
+    loader = DataLoader(frames, batch_size=1, shuffle=False, collate_fn=collate_frames,
+                        num_workers=num_workers)
+    tracker = backend.tracker(1)
+    names = backend.class_names
+    scene_names = scene_names or {}
+    if video is not None:
+        from raydn.viz.video import VideoWriter
+        fps = fps or _video_fps(frames)
+    if render_dir is not None:
+        render_dir = Path(render_dir)
+        render_dir.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_total, desc=f"raydn infer ({backend.name})", unit="frame", dynamic_ncols=True)
+    t0 = time.time()
+    n_det = 0
+    video_frames = 0
+    have_ids = tracker is not None
+    with contextlib.ExitStack() as stack:
+        if bar is not None:
+            stack.callback(bar.close)
+        fh = None
+        if out is not None:
+            tmp = stack.enter_context(atomic_path(out))
+            fh = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        vw = stack.enter_context(VideoWriter(video, fps=fps)) if video is not None else None
+        state = backend.init_state(1)
+        n = -1
+        for n, batch in enumerate(loader):
+            if n >= n_total:
+                break
+            dets, state, cls, box = backend.step(batch, state)
+            ids = None
+            if tracker is not None and cls is not None:
+                ids = tracker.step(batch.prev_exists, cls, box, dets)[0]
+            else:
+                have_ids = False
+            meta = batch.meta[0]
+            pose = batch.ego_pose[0].double()
+            if "world_origin" in meta:
+                pose[:3, 3] += torch.as_tensor(meta["world_origin"], dtype=torch.float64)
+            rec = frame_record(n, meta, float(batch.timestamp[0]), bool(batch.prev_exists[0] == 0),
+                               dets[0], ids, pose, names, score_thr,
+                               scene=scene_names.get(meta.get("scene_token")))
+            n_det += len(rec["detections"])
+            if fh is not None:
+                fh.write(json.dumps(rec) + "\n")
+            if render_dir is not None or vw is not None:
+                pic = _render(batch, dets[0], score_thr, aug, rec)
+                if render_dir is not None:
+                    from raydn.viz.render import save_image_atomic
+                    save_image_atomic(pic, render_dir / f"{n:06d}.png")
+                if vw is not None:
+                    vw.append(np.asarray(pic))
+                    video_frames += 1
+            if on_frame is not None:
+                on_frame(n, rec)
+            del batch, dets, cls, box, rec
+            if bar is not None:
+                bar.update(1)
+        if fh is not None:
+            fh.flush()
+            os.fsync(fh.fileno())
+    frames_done = min(n + 1, n_total)
+    return StreamReport(frames_done, n_det, time.time() - t0, Path(out) if out else None,
+                        render_dir, Path(video) if video else None, video_frames, have_ids)
+
+
+def _render(batch, det: dict, score_thr: float, aug, rec: dict):
+    from raydn.viz.render import denormalize_images, render_frame
+    meta = batch.meta[0]
+    imgs = denormalize_images(batch.images[0], aug.img_mean, aug.img_std)
+    N = imgs.shape[0]
+    cams = meta.get("camera_names") or (CAMERA_NAMES if N == len(CAMERA_NAMES) else [f"cam{i}" for i in range(N)])
+    title = f"{rec.get('scene') or 'frame'} #{rec['frame']}  t={rec['timestamp']:.2f}s  " \
+            f"{len(rec['detections'])} >= {score_thr:g}"
+    return render_frame(imgs, batch.lidar2img[0], det, score_threshold=score_thr, title=title,
+                        camera_names=tuple(cams))
