@@ -21,6 +21,7 @@ COMMANDS = (
     ("prepare", "raydn.commands.prepare"),
     ("train", "raydn.commands.train"),
     ("eval", "raydn.commands.eval"),
+    ("infer", "raydn.commands.infer"),
     ("convert", "raydn.commands.convert"),
     ("presets", "raydn.commands.presets"),
     ("smoke", "raydn.commands.smoke"),
