@@ -48,7 +48,7 @@ from raydn.data.transforms import AugConfig, ida_matrix
 from raydn.errors import DataError
 
 __all__ = ["CalibrationError", "CameraCalib", "RigFrame", "CameraRig", "load_camera_rig",
-           "CameraRigFrames"]
+           "CameraRigFrames", "rig_dict_from_infos", "write_rig_file"]
 
 RIGID_TOL = 1e-3       # |R R^T - I| and |det R - 1| of rotations given as matrices
 QUAT_TOL = 1e-3        # |‖q‖ - 1| of quaternions
@@ -348,3 +348,54 @@ class CameraRigFrames(torch.utils.data.Dataset):
                   "camera_names": list(self.rig.camera_names),
                   "image_paths": [str(p) for p in f.images],
                   "world_origin": self.world_origin.copy()})
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+def rig_dict_from_infos(records: list[dict], *, cameras=None, num_frames: int | None = None,
+                        dt: float | None = None, data_root=None) -> dict:
+    """A calibration/odometry mapping (JSON/YAML-ready) for the frames of nuScenes info records
+    (e.g. one scene of a ``raydn synth`` world): the vehicle frame is the records' LiDAR frame,
+    ``cam_to_vehicle`` = ``sensor2lidar`` of the first record, ``vehicle_to_world`` =
+    ``ego2global @ lidar2ego`` per frame, absolute image paths.
+
+    ``cameras``: the channel names to keep (default all six); ``num_frames``: cycle through the
+    records to make a longer stream (timestamps keep increasing by ``dt``, default the records'
+    median step; poses repeat). Records are used in timestamp order."""
+    from raydn.data.dataset import resolve_image_path
+    from raydn.geometry import CAMERA_NAMES
+    recs = sorted(records, key=lambda r: r["timestamp"])
+    if not recs:
+        raise DataError("rig_dict_from_infos: no records")
+    cameras = list(cameras or CAMERA_NAMES)
+    first = recs[0]["cams"]
+    cams = [{"name": c,
+             "intrinsics": np.asarray(first[c]["cam_intrinsic"], np.float64).tolist(),
+             "cam_to_vehicle": pose_matrix(np.asarray(first[c]["sensor2lidar_rotation"], np.float64),
+                                           np.asarray(first[c]["sensor2lidar_translation"], np.float64).reshape(3)).tolist()}
+            for c in cameras]
+    ts = np.array([r["timestamp"] for r in recs], dtype=np.float64) / 1e6
+    step = float(dt) if dt is not None else (float(np.median(np.diff(ts))) if len(ts) > 1 else 0.5)
+    n = len(recs) if num_frames is None else int(num_frames)
+    frames = []
+    for k in range(n):  # per frame: building a file
+        r = recs[k % len(recs)]
+        pose = pose_matrix(r["ego2global_rotation"], r["ego2global_translation"]) @ \
+            pose_matrix(r["lidar2ego_rotation"], r["lidar2ego_translation"])
+        t = ts[k] if k < len(recs) else ts[0] + k * step
+        frames.append({"timestamp": float(t), "vehicle_to_world": pose.tolist(),
+                       "images": {c: str(resolve_image_path(r["cams"][c]["data_path"], data_root).resolve())
+                                  for c in cameras}})
+    return {"cameras": cams, "frames": frames}
+
+
+def write_rig_file(rig: dict, path: str | os.PathLike) -> Path:
+    """Write a calibration mapping as JSON, or YAML for a ``.yaml``/``.yml`` path (atomic)."""
+    from raydn.io import atomic_write_bytes
+    path = Path(path)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_dump(rig, sort_keys=False).encode()
+    else:
+        data = json.dumps(rig, indent=1).encode()
+    return atomic_write_bytes(path, data)
