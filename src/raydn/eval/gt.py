@@ -64,17 +64,6 @@ def arrays_from_evalboxes(boxes, sample_tokens: Sequence[str] | None = None) -> 
 # Dataroot through the devkit
 # ----------------------------------------------------------------------------------------------
 
-def split_sample_tokens(nusc, eval_set: str) -> list[str]:
-    """Sample tokens of a predefined split (``val``, ``mini_val``, ...) in ``nusc.sample`` order."""
-    from nuscenes.utils.splits import create_splits_scenes
-    splits = create_splits_scenes()
-    if eval_set not in splits:
-        raise DataError(f"unknown nuScenes split {eval_set!r}; expected one of {sorted(splits)}")
-    names = set(splits[eval_set])
-    scene_name = {s["token"]: s["name"] for s in nusc.scene}
-    return [s["token"] for s in nusc.sample if scene_name[s["scene_token"]] in names]
-
-
 def ego_translations_from_nusc(nusc, sample_tokens: Sequence[str]) -> dict[str, np.ndarray]:
     """Ego position (global, metres) at each sample's LIDAR_TOP keyframe (``add_center_dist``)."""
     out = {}

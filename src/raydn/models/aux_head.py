@@ -112,11 +112,6 @@ def decode_boxes(priors: Tensor, bbox_preds: Tensor) -> Tensor:
     return torch.cat([xy - wh / 2, xy + wh / 2], -1)
 
 
-def decode_centers(priors: Tensor, centers_pred: Tensor) -> Tensor:
-    """(..., P, 2) raw offsets -> (..., P, 2) pixels: c = d * s + (x, y)."""
-    return centers_pred * priors[:, 2:] + priors[:, :2]
-
-
 def _pad_per_image(tensors: list[Tensor], width: int | None, dtype, device, field: str
                    ) -> tuple[Tensor, Tensor]:
     """Pad a list of I tensors (k_i, *tail) to (I, G, *tail) (G = max k_i) with zeros, plus the
