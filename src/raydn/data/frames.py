@@ -33,7 +33,7 @@ from raydn.data.batch import FrameBatch
 from raydn.data.transforms import (AugConfig, ImageAugParams, apply_image_aug, normalize_images,
                                    pad_images, sample_image_aug)
 
-__all__ = ["FrameInputs", "collate_frames", "invert_rigid", "camera_matrices", "test_time_params",
+__all__ = ["FrameInputs", "collate_frames", "invert_rigid", "camera_matrices", "eval_transform_params",
            "draft_size", "load_camera_images"]
 
 
@@ -162,7 +162,7 @@ def camera_matrices(cam_intrinsics: np.ndarray, vehicle2cam: np.ndarray, ida: np
     return intr, intr @ np.asarray(vehicle2cam, dtype=np.float64)
 
 
-def test_time_params(cfg: AugConfig, src_size: tuple[int, int]) -> ImageAugParams:
+def eval_transform_params(cfg: AugConfig, src_size: tuple[int, int]) -> ImageAugParams:
     """The deterministic test transform (spec §2.4) of an image of ``src_size`` (H, W): resize by
     ``max(fH / H, fW / W)``, centred crop in width, bottom-aligned crop in height, no flip."""
     return sample_image_aug(replace(cfg, src_size=tuple(src_size), training=False), None)

@@ -19,7 +19,7 @@ Frames: the vehicle frame is x forward, y left, z up (the model's "LiDAR frame")
 axes are OpenCV's (x right, y down, z forward). Image paths are relative to ``frames_dir``
 (default: the calibration file's folder) unless absolute.
 
-Every image goes through the dataset's test-time transform (:func:`raydn.data.frames.test_time_params`:
+Every image goes through the dataset's test-time transform (:func:`raydn.data.frames.eval_transform_params`:
 resize by ``max(fH / H, fW / W)``, centred crop in width, bottom-aligned in height) with the
 intrinsics updated the same way (``K' = ida @ K``), per camera (cameras may differ in size).
 
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydn.data.frames import FrameInputs, camera_matrices, invert_rigid, load_camera_images, test_time_params
+from raydn.data.frames import FrameInputs, camera_matrices, invert_rigid, load_camera_images, eval_transform_params
 from raydn.data.infos import pose_matrix
 from raydn.data.transforms import AugConfig, ida_matrix
 from raydn.errors import DataError
@@ -302,7 +302,7 @@ class CameraRigFrames(torch.utils.data.Dataset):
                                             f"{rig.source}: frames[0] camera '{c.name}'")
             sizes.append((int(wh[1]), int(wh[0])))                        # (H, W)
         self.src_sizes = tuple(sizes)
-        self.params = tuple(test_time_params(aug, s) for s in sizes)
+        self.params = tuple(eval_transform_params(aug, s) for s in sizes)
         ida = np.stack([ida_matrix(p) for p in self.params])               # (N, 3, 3)
         K = np.stack([c.intrinsics for c in rig.cameras])
         self.vehicle2cam = invert_rigid(np.stack([c.cam_to_vehicle for c in rig.cameras]))
@@ -393,6 +393,8 @@ def write_rig_file(rig: dict, path: str | os.PathLike) -> Path:
     """Write a calibration mapping as JSON, or YAML for a ``.yaml``/``.yml`` path (atomic)."""
     from raydn.io import atomic_write_bytes
     path = Path(path)
+    # plain Python types (numpy scalars/arrays -> floats/lists), the same for both formats
+    rig = json.loads(json.dumps(rig, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
         data = yaml.safe_dump(rig, sort_keys=False).encode()

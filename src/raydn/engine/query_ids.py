@@ -49,6 +49,8 @@ class QueryIdTracker:
         #: (B, M) int64 id of every memory row, -1 = empty
         self.memory_ids = torch.full((self.B, self.M), -1, dtype=torch.long)
         self.next_id = 0
+        #: (B, K) query indices written into the memory by the last :meth:`step` (introspection)
+        self.last_topk: Tensor | None = None
 
     @classmethod
     def for_head(cls, cfg, batch_size: int = 1) -> "QueryIdTracker":
@@ -109,4 +111,5 @@ class QueryIdTracker:
         self.next_id += n
 
         self.memory_ids = torch.cat([torch.gather(ids, 1, topk), mem], 1)[:, :self.M]
+        self.last_topk = topk
         return [ids[b, q] for b, q in enumerate(det_q)]
