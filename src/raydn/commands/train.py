@@ -17,6 +17,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--ckpt-interval", type=int, default=500)
+    p.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="keep only the newest N iter_*.pt checkpoints (latest.pt always; default: all)")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto'")
     p.add_argument("--amp", choices=["fp16", "bf16", "none"], default=None,
@@ -34,6 +36,9 @@ def run(args) -> int:
     from dataclasses import replace
 
     from raydn.engine.train import TrainOptions, train
+    from raydn.errors import RaydnError
+    if args.keep_last is not None and args.keep_last < 1:
+        raise RaydnError(f"--keep-last must be >= 1 (got {args.keep_last})")
     from raydn.presets import get_preset
     overrides = {}
     if args.no_ray_dn:
@@ -45,7 +50,7 @@ def run(args) -> int:
         batch_per_gpu=args.batch_per_gpu, max_iters=args.max_iters, epochs=args.epochs, lr=args.lr,
         seed=args.seed, workers=args.workers, ckpt_interval=args.ckpt_interval,
         log_interval=args.log_interval, resume=args.resume, amp=args.amp, device=args.device,
-        progress=not args.no_progress, model_overrides=overrides,
+        progress=not args.no_progress, model_overrides=overrides, keep_last=args.keep_last,
         time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget))
     print(f"finished at iteration {out['iteration']}; checkpoint: {out['checkpoint']}")
     return 0

@@ -25,14 +25,8 @@ FORMAT = "raydn-train/1"
 
 def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     """``torch.load(weights_only=True)`` with clear errors for missing or unsafe/corrupt files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise CheckpointError(
-            f"cannot load {path} safely (weights_only=True): {type(e).__name__}: {str(e)[:300]}") from e
+    from raydn.safe_load import load_weights_only
+    return load_weights_only(path, map_location=map_location)
 
 
 def _np_state_to_tensors(state) -> dict:

@@ -23,6 +23,7 @@ from torch import nn
 
 from raydn.engine.checkpoint import (FORMAT, atomic_torch_save, capture_rng_state, restore_rng_state,
                                      safe_torch_load)
+from raydn.engine import run_files
 from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_int,
                                       cleanup_distributed, setup_distributed)
 from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
@@ -58,6 +59,7 @@ class TrainOptions:
     time_budget_s: float | None = None
     budget_probe: int = 20
     model_overrides: dict = field(default_factory=dict)
+    keep_last: int | None = None        # keep only the newest N iter_*.pt checkpoints (None: all)
 
 
 def _jsonable(o):
@@ -114,6 +116,8 @@ class Trainer:
         self.out_dir = Path(opts.out_dir)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in run_files.clean_stale_temp_files(self.out_dir):  # left by a kill mid-save
+                print(f"removed {stale.name}, a checkpoint write that did not finish", flush=True)
 
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed)
@@ -174,6 +178,7 @@ class Trainer:
         per_rank = {"rng": capture_rng_state(), "temporal_state": self.state.as_dict(),
                     "iteration": self.iteration}
         barrier()
+        previous = self.checkpoint_path() if self.checkpoint_path().exists() else None
         if self.dist.is_main:
             ckpt = {"format": FORMAT, "iteration": self.iteration, "preset": self.preset.name,
                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -181,8 +186,10 @@ class Trainer:
                     "world_size": self.dist.world_size, "config": json.dumps(_jsonable(self.preset)),
                     "options": json.dumps(_jsonable(self.opts)), "history": json.dumps(self.history),
                     **per_rank}
-            atomic_torch_save(ckpt, path)
-            atomic_torch_save(ckpt, self.checkpoint_path())  # latest.pt
+            run_files.save_or_explain(lambda: atomic_torch_save(ckpt, path), path, previous)
+            run_files.save_or_explain(lambda: atomic_torch_save(ckpt, self.checkpoint_path()),  # latest.pt
+                                      self.checkpoint_path(), previous)
+            run_files.prune_checkpoints(self.out_dir, self.opts.keep_last, self.dist.world_size)
         else:
             atomic_torch_save(per_rank, self._rank_path(path))
             atomic_torch_save(per_rank, self._rank_path(self.checkpoint_path()))
@@ -192,10 +199,11 @@ class Trainer:
     def _find_resume(self, where: str | None):
         if not where:
             return None, None
-        path = self.checkpoint_path() if where == "auto" else Path(where)
-        if where == "auto" and not path.exists():
-            return None, None  # nothing to resume: fresh start
-        return safe_torch_load(path, map_location="cpu"), path
+        # 'auto': the newest complete checkpoint (a corrupt latest.pt falls back to the newest intact
+        # iter_*.pt, with a warning); nothing there: a fresh start
+        return run_files.find_resume_checkpoint(
+            self.out_dir, where, lambda p: safe_torch_load(p, map_location="cpu"),
+            warn=lambda m: print(m, flush=True) if self.dist.is_main else None)
 
     def _resume(self, ckpt: dict, path: Path) -> None:
         """Continue exactly where ``ckpt`` stopped (the sampler was already positioned at its

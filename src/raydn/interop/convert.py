@@ -10,7 +10,6 @@ module each officially and in raydn; the checkpoint lists all 6 copies, which mu
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -211,18 +210,8 @@ def add_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
     """``torch.load`` on CPU with ``weights_only=True``; a file that needs arbitrary unpickling
     raises :class:`CheckpointError` unless ``trust=True`` (only for files you trust)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: the checkpoint needs unsafe unpickling (it stores Python objects besides "
-            f"tensors, e.g. in 'meta'); re-save its 'state_dict' only, or pass trust=True / "
-            f"--trust-checkpoint if you trust the file. ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from None
+    from raydn.safe_load import load_weights_only
+    return load_weights_only(path, map_location="cpu", trust=trust)
 
 
 def load_official_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True,
