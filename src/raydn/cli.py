@@ -23,6 +23,7 @@ COMMANDS = (
     ("eval", "raydn.commands.eval"),
     ("infer", "raydn.commands.infer"),
     ("convert", "raydn.commands.convert"),
+    ("export", "raydn.commands.export"),
     ("presets", "raydn.commands.presets"),
     ("smoke", "raydn.commands.smoke"),
 )

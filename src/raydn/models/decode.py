@@ -7,6 +7,28 @@ from torch import Tensor
 from raydn.geometry import POST_CENTER_RANGE, denormalize_bbox
 
 
+def decode_dense(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
+                 post_center_range=POST_CENTER_RANGE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batched, fixed-size form of :func:`decode_single` (static shapes: the ONNX step graph).
+
+    cls_scores (B, Q, K) logits, bbox_preds (B, Q, 10) official encoding -> ``boxes`` (B, k, 9)
+    gravity-centre LiDAR boxes, ``scores`` (B, k) sigmoid, descending, ``labels`` (B, k) int64,
+    ``keep`` (B, k) bool (centre inside ``post_center_range``, inclusive), with
+    k = min(max_num, Q * K). :func:`decode_single` of sample b is ``x[b][keep[b]]`` of these."""
+    B, Q, num_classes = cls_scores.shape
+    k = min(int(max_num), Q * num_classes)
+    scores, idx = cls_scores.sigmoid().reshape(B, Q * num_classes).topk(k, dim=1)
+    labels = idx % num_classes
+    query = torch.div(idx, num_classes, rounding_mode="floor")
+    enc = torch.gather(bbox_preds, 1, query.unsqueeze(-1).expand(-1, -1, bbox_preds.shape[-1]))
+    boxes = denormalize_bbox(enc)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if post_center_range is not None:
+        r = torch.as_tensor(post_center_range, dtype=boxes.dtype, device=boxes.device)
+        keep = (boxes[..., :3] >= r[:3]).all(-1) & (boxes[..., :3] <= r[3:]).all(-1)
+    return boxes, scores, labels, keep
+
+
 def decode_single(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
                   post_center_range=POST_CENTER_RANGE, score_threshold: float | None = None) -> dict:
     """One sample: cls_scores (Q, K) logits, bbox_preds (Q, 10) official encoding ->
@@ -15,16 +37,10 @@ def decode_single(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
 
     Top-``max_num`` over sigmoid scores flattened query-major (index = query * K + class), then
     keep boxes whose centre lies inside ``post_center_range`` (inclusive)."""
-    num_classes = cls_scores.shape[-1]
-    scores, idx = cls_scores.sigmoid().reshape(-1).topk(min(max_num, cls_scores.numel()))
-    labels = idx % num_classes
-    boxes = denormalize_bbox(bbox_preds[torch.div(idx, num_classes, rounding_mode="floor")])
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    boxes, scores, labels, keep = (t[0] for t in decode_dense(
+        cls_scores[None], bbox_preds[None], max_num, post_center_range))
     if score_threshold is not None:
-        keep &= scores > score_threshold
-    if post_center_range is not None:
-        r = torch.as_tensor(post_center_range, dtype=boxes.dtype, device=boxes.device)
-        keep &= (boxes[:, :3] >= r[:3]).all(1) & (boxes[:, :3] <= r[3:]).all(1)
+        keep = keep & (scores > score_threshold)
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 

@@ -69,7 +69,7 @@ def pre_update(state: TemporalState | None, prev_exists: Tensor, ego_pose_inv: T
 
     Returns: :class:`Memory` in the current LiDAR frame with ages ``t_now - t_insert``.
     """
-    B, M, C = int(prev_exists.shape[0]), memory_len, embed_dims
+    B, M, C = prev_exists.shape[0], memory_len, embed_dims
     device = prev_exists.device if device is None else device
     x = prev_exists.to(device=device, dtype=dtype).reshape(B)
     if state is None:  # official "memory is None": zeros, no transform

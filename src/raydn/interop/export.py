@@ -1,0 +1,480 @@
+"""ONNX export of a detector as two graphs: the image encoder and one streaming step of the head.
+
+``export_onnx(model, out_dir)`` writes into ``out_dir``:
+
+* ``encoder.onnx``: backbone + neck, ``images`` (B, N, 3, H, W) float32 normalised RGB ->
+  ``feat_0`` .. ``feat_{L-1}`` (B, N, C, H_l, W_l) float32 (the levels the head reads);
+* ``head_step.onnx``: one frame of the head with the temporal memory as explicit inputs and
+  outputs (:data:`HEAD_INPUTS` -> :data:`HEAD_OUTPUTS`): features + calibration + pose +
+  timestamp + ``prev_exists`` + the five :class:`~raydn.models.state.TemporalState` tensors in ->
+  decoded detections (fixed top-``max_num`` with a ``keep`` mask), the raw last-layer logits and
+  boxes, and the next state out;
+* ``raydn_onnx.json``: the model-file metadata (:data:`EXPORT_FORMAT`): preset, input size, mean /
+  std, class names, batch size, memory sizes, decode settings, and every graph input / output
+  with its shape, dtype and meaning. Written last: a directory with this file is complete.
+
+Contract decisions (documented in the README, "Export and deployment"):
+
+* **Timestamps stay float64 across the boundary** (``timestamp`` (B,) and ``mem_timestamp``
+  (B, M, 1) are ``tensor(double)``): absolute nuScenes timestamps are ~1.5e9 s, where float32's
+  resolution is 128 s; the model does all its time arithmetic in float64 (age = t_now - t_insert)
+  and casts only the small ages to float32, and the exported graph does exactly the same, so no
+  precision is lost and the state stays interchangeable with the PyTorch model's.
+* Shapes are static: batch size (``--batch-size``, default 1), cameras N = ``head.num_cams``,
+  image size = the preset's ``image_size`` (the head's ``pad_shape``) are fixed at export.
+* The step graph decodes with :func:`raydn.models.decode.decode_dense` (fixed ``max_num`` rows +
+  ``keep``); ``raydn.deploy.OnnxDetector`` applies the mask to give exactly
+  ``RayDNDetector.predict``'s per-sample dicts.
+* The model is exported with :meth:`RuntimeOptions.for_export` paths (the plain ``grid_sample``
+  deformable sampler, unfolded BN, contiguous layout): the library's fused sampling op is a custom
+  autograd function no exporter traces. Same maths up to float rounding (parity is tested against
+  the default fast-path model).
+* Exporter: ``torch.onnx.export(dynamo=True)`` (onnxscript), opset 18, weights inside each .onnx.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from raydn.data.batch import FrameBatch
+from raydn.errors import RaydnError
+from raydn.models.decode import decode_dense
+from raydn.models.state import TemporalState
+
+__all__ = ["EXPORT_FORMAT", "ENCODER_FILE", "HEAD_FILE", "META_FILE", "HEAD_INPUTS", "HEAD_OUTPUTS",
+           "STATE_FIELDS", "ExportError", "EncoderGraph", "HeadStepGraph", "export_onnx",
+           "read_metadata", "head_step_inputs", "ExportReport", "check_parity", "export_model"]
+
+EXPORT_FORMAT = "raydn-onnx/1"
+ENCODER_FILE = "encoder.onnx"
+HEAD_FILE = "head_step.onnx"
+META_FILE = "raydn_onnx.json"
+OPSET = 18
+
+#: The TemporalState fields in graph order; graph names are ``mem_<field>`` / ``new_mem_<field>``.
+STATE_FIELDS = ("embedding", "reference_point", "timestamp", "egopose", "velo")
+
+#: Head-step inputs after the L feature levels ``feat_0..feat_{L-1}`` (name, meaning).
+HEAD_INPUTS = (
+    ("intrinsics", "(B, N, 4, 4) float32: 4x4 viewpad with the 3x3 K of the network input (pixels)"),
+    ("extrinsics", "(B, N, 4, 4) float32: LiDAR -> camera"),
+    ("lidar2img", "(B, N, 4, 4) float32: LiDAR -> pixel x depth of the network input"),
+    ("ego_pose", "(B, 4, 4) float32: LiDAR -> global (metres)"),
+    ("ego_pose_inv", "(B, 4, 4) float32: global -> LiDAR"),
+    ("timestamp", "(B,) float64: seconds (absolute; the graph subtracts in float64)"),
+    ("prev_exists", "(B,) float32: 1 = continue the slot's sequence, 0 = reset its memory"),
+    ("mem_embedding", "(B, M, C) float32: memory query features"),
+    ("mem_reference_point", "(B, M, 3) float32: memory centres, metres, global frame"),
+    ("mem_timestamp", "(B, M, 1) float64: -t_insert, seconds"),
+    ("mem_egopose", "(B, M, 4, 4) float32: insertion LiDAR frame -> global"),
+    ("mem_velo", "(B, M, 2) float32: m/s, predicted at insertion"),
+)
+
+#: Head-step outputs (name, meaning); k = min(max_num, (Q + P) * classes).
+HEAD_OUTPUTS = (
+    ("boxes", "(B, k, 9) float32: [x, y, z_center, l, w, h, yaw, vx, vy], LiDAR frame, metres/rad/m/s"),
+    ("scores", "(B, k) float32: sigmoid scores, descending per sample"),
+    ("labels", "(B, k) int64: class index (class_names)"),
+    ("keep", "(B, k) bool: centre inside post_center_range (predict() returns the kept rows)"),
+    ("cls_logits", "(B, Q+P, classes) float32: last decoder layer logits"),
+    ("bbox_preds", "(B, Q+P, 10) float32: last layer [x, y, z, log l, log w, log h, sin, cos, vx, vy]"),
+    ("new_mem_embedding", "(B, M, C) float32"),
+    ("new_mem_reference_point", "(B, M, 3) float32: global frame"),
+    ("new_mem_timestamp", "(B, M, 1) float64: -t_insert, seconds"),
+    ("new_mem_egopose", "(B, M, 4, 4) float32"),
+    ("new_mem_velo", "(B, M, 2) float32"),
+)
+
+
+class ExportError(RaydnError):
+    """Export failed (missing exporter packages, unsupported model, unreadable export dir)."""
+
+
+# ---------------------------------------------------------------------------------- graph modules
+class EncoderGraph(nn.Module):
+    """images (B, N, 3, H, W) normalised -> tuple of L levels (B, N, C, H_l, W_l) (eval mode)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.model.extract_feats(images))
+
+
+class HeadStepGraph(nn.Module):
+    """One streaming frame of ``model.pts_bbox_head`` as a function of plain tensors.
+
+    ``forward(feat_0, .., feat_{L-1}, *HEAD_INPUTS)`` -> the :data:`HEAD_OUTPUTS` tuple. The
+    frame's ``pad_shape`` is the model's ``image_size`` (fixed)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head = model.pts_bbox_head
+        self.cfg = model.cfg
+        self.num_levels = model.cfg.head.num_levels
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        L = self.num_levels
+        feats = list(args[:L])
+        (intrinsics, extrinsics, lidar2img, ego_pose, ego_pose_inv, timestamp, prev_exists,
+         *mem) = args[L:]
+        batch = FrameBatch(images=None, intrinsics=intrinsics, extrinsics=extrinsics,
+                           lidar2img=lidar2img, ego_pose=ego_pose, ego_pose_inv=ego_pose_inv,
+                           timestamp=timestamp, prev_exists=prev_exists,
+                           pad_shape=tuple(self.cfg.image_size))
+        state = TemporalState(*mem)
+        out, new = self.head(feats, batch, state)
+        cls, box = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
+        hc = self.cfg.head
+        boxes, scores, labels, keep = decode_dense(cls, box, hc.max_num, hc.post_center_range)
+        return (boxes, scores, labels, keep, cls, box,
+                *(getattr(new, f) for f in STATE_FIELDS))
+
+
+def head_step_inputs(feats, batch: FrameBatch, state: TemporalState) -> tuple[Tensor, ...]:
+    """The head-step graph's positional inputs (float32, timestamps float64) of one frame."""
+    f32 = torch.float32
+    return (*[f.to(f32) for f in feats], batch.intrinsics.to(f32), batch.extrinsics.to(f32),
+            batch.lidar2img.to(f32), batch.ego_pose.to(f32), batch.ego_pose_inv.to(f32),
+            batch.timestamp.to(torch.float64), batch.prev_exists.to(f32),
+            *(getattr(state, f).to(torch.float64 if f == "timestamp" else f32)
+              for f in STATE_FIELDS))
+
+
+# ---------------------------------------------------------------------------------- export
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote."""
+    out_dir: str
+    files: dict = field(default_factory=dict)        # role -> path
+    metadata: dict = field(default_factory=dict)
+    parity: dict | None = None                        # filled by check_parity when run
+
+    def summary(self) -> str:
+        lines = [f"exported {self.metadata.get('preset')} to {self.out_dir}"]
+        for role, p in self.files.items():
+            lines.append(f"  {role:<9s} {p} ({os.path.getsize(p) / 2 ** 20:.1f} MiB)")
+        if self.parity is not None:
+            p = self.parity
+            lines.append(f"  parity vs PyTorch over {p['frames']} frames (prev_exists "
+                         f"{p['prev_exists']}): {'OK' if p['ok'] else 'FAILED'}, max error "
+                         f"{p['max_err']:.2e} (absolute, relative above magnitude 1; tolerance "
+                         f"{p['tolerance']:.0e} or 2x PyTorch float32's own error vs float64)")
+            for name, e in sorted(p["per_output"].items(), key=lambda kv: -kv[1])[:4]:
+                lines.append(f"    {name:<24s} {e:.2e}   float32 floor "
+                             f"{p['float32_floor'].get(name, float('nan')):.2e}")
+        return "\n".join(lines)
+
+
+def _require_exporter() -> None:
+    missing = []
+    for mod in ("onnx", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ExportError(f"ONNX export needs the packages {', '.join(missing)}: "
+                          f"pip install -c constraints.txt -e '.[deploy]'")
+
+
+def _spec(name: str, t: Tensor) -> dict:
+    return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
+
+def _example_frame(model: nn.Module, batch_size: int, frame_index: int = 1):
+    from raydn.data.synthetic_batch import synthetic_frame_batch
+    return synthetic_frame_batch(batch_size, tuple(model.cfg.image_size), frame_index=frame_index,
+                                 prev_exists=[1.0] * batch_size, num_boxes=0, with_targets=False,
+                                 seed=0)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs one warning per missing torchvision op and per skipped constant fold:
+    noise for this model (it uses neither). Real failures still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names, output_names) -> None:
+    with _quiet_exporter():
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
+                                 input_names=list(input_names), output_names=list(output_names),
+                                 external_data=False, optimize=True, verbose=False)
+        prog.save(str(path))
+
+
+def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int = 1,
+                preset: str | None = None, source: str | None = None) -> ExportReport:
+    """Export ``model`` (a :class:`~raydn.models.detector.RayDNDetector`, any options: it is
+    exported as built, so build it with ``RuntimeOptions.for_export()``; the fused sampler is
+    rejected) as :data:`ENCODER_FILE` + :data:`HEAD_FILE` + :data:`META_FILE` in ``out_dir``.
+
+    Every file is written to a temporary directory beside ``out_dir`` first and renamed into place
+    (metadata last). ``source`` (checkpoint path) is recorded in the metadata."""
+    from raydn.geometry import CLASS_NAMES
+    from raydn.models.deformable import deformable_sample_gather
+    from raydn.models.deformable_fast import deformable_sample_fused
+    from raydn.models.transformer import DeformableFeatureAggregation
+    _require_exporter()
+    if batch_size < 1:
+        raise ExportError(f"batch_size must be >= 1, got {batch_size}")
+    for m in model.modules():
+        if isinstance(m, DeformableFeatureAggregation) and m.sampler in (
+                deformable_sample_fused, deformable_sample_gather):
+            raise ExportError("the model uses the fused/gather deformable sampler, which ONNX "
+                              "exporters cannot trace: build it with "
+                              "options=RuntimeOptions.for_export() (the grid_sample sampler)")
+    model = model.eval()
+    cfg = model.cfg
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = _example_frame(model, batch_size)
+    state = model.init_state(batch_size, device=torch.device("cpu"))
+    L = cfg.head.num_levels
+    with torch.no_grad():
+        feats = model.extract_feats(batch.images)
+        head_args = head_step_inputs(feats, batch, state)
+        head_out = HeadStepGraph(model)(*head_args)
+    feat_names = [f"feat_{i}" for i in range(L)]
+    head_in_names = feat_names + [n for n, _ in HEAD_INPUTS]
+    head_out_names = [n for n, _ in HEAD_OUTPUTS]
+    tmp = Path(tempfile.mkdtemp(prefix=".raydn-export-", dir=out_dir))
+    try:
+        _onnx_export(EncoderGraph(model), (batch.images,), tmp / ENCODER_FILE, ["images"], feat_names)
+        _onnx_export(HeadStepGraph(model), head_args, tmp / HEAD_FILE, head_in_names, head_out_names)
+        meaning_in = dict(HEAD_INPUTS)
+        meaning_out = dict(HEAD_OUTPUTS)
+        meta = {
+            "format": EXPORT_FORMAT,
+            "preset": preset or getattr(model, "preset", None),
+            "source": None if source is None else str(source),
+            "raydn_version": __import__("raydn").__version__,
+            "torch_version": torch.__version__,
+            "opset": OPSET,
+            "batch_size": batch_size,
+            "num_cams": cfg.head.num_cams,
+            "image_size": list(cfg.image_size),
+            "img_mean": list(cfg.img_mean), "img_std": list(cfg.img_std),
+            "image_normalisation": "RGB, (pixel - img_mean) / img_std, pixels in 0..255",
+            "class_names": list(CLASS_NAMES[:cfg.head.num_classes]),
+            "num_levels": L, "memory_len": cfg.head.memory_len, "embed_dims": cfg.head.embed_dims,
+            "num_query": cfg.head.num_query, "num_propagated": cfg.head.num_propagated,
+            "topk_proposals": cfg.head.topk_proposals,
+            "max_num": cfg.head.max_num, "post_center_range": list(cfg.head.post_center_range),
+            "pc_range": list(cfg.head.pc_range),
+            "timestamps": "float64 seconds in and out (timestamp, mem_timestamp); never float32",
+            "options": {k: (str(v) if isinstance(v, torch.dtype) else v)
+                        for k, v in asdict(model.options).items()},
+            "files": {"encoder": ENCODER_FILE, "head_step": HEAD_FILE},
+            "encoder": {"inputs": [dict(_spec("images", batch.images),
+                                        meaning="(B, N, 3, H, W) float32 normalised RGB")],
+                        "outputs": [dict(_spec(n, f), meaning="(B, N, C, H_l, W_l) float32")
+                                    for n, f in zip(feat_names, feats)]},
+            "head_step": {
+                "inputs": [dict(_spec(n, t), meaning=meaning_in.get(n, "(B, N, C, H_l, W_l) float32, "
+                                                                      "the encoder's output"))
+                           for n, t in zip(head_in_names, head_args)],
+                "outputs": [dict(_spec(n, t), meaning=meaning_out[n])
+                            for n, t in zip(head_out_names, head_out)]},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        files = {}
+        (out_dir / META_FILE).unlink(missing_ok=True)   # no stale metadata over new graphs
+        for role, name in (("encoder", ENCODER_FILE), ("head_step", HEAD_FILE), ("metadata", META_FILE)):
+            os.replace(tmp / name, out_dir / name)
+            files[role] = str(out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportReport(out_dir=str(out_dir), files=files, metadata=meta)
+
+
+def read_metadata(onnx_dir: str | os.PathLike) -> dict:
+    """The metadata of an export directory; :class:`ExportError` naming what is missing/wrong."""
+    d = Path(onnx_dir)
+    p = d / META_FILE
+    if not d.is_dir():
+        raise ExportError(f"{d}: not a directory (expected a `raydn export` output)")
+    if not p.is_file():
+        raise ExportError(f"{d}: no {META_FILE} (not a complete `raydn export` output)")
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{p}: unreadable metadata ({e})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{p}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    for role, name in meta["files"].items():
+        if not (d / name).is_file():
+            raise ExportError(f"{d}: {role} graph {name} is missing")
+    return meta
+
+
+# ---------------------------------------------------------------------------------- parity
+#: Default sequence of the parity check: a start, two continued frames, a reset, a continued frame.
+PARITY_PREV_EXISTS = (0.0, 1.0, 1.0, 0.0, 1.0)
+
+
+def _err(a, b) -> float:
+    """max |a - b| / max(1, |b|): absolute below magnitude 1, relative above (global-frame memory
+    points are ~1e3 m, timestamps ~1.5e9 s, where float32 / float64 ulps exceed 1e-4 absolute)."""
+    a = torch.as_tensor(a).double()
+    b = torch.as_tensor(b).double()
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    return float(((a - b).abs() / b.abs().clamp(min=1.0)).max())
+
+
+def _double_batch(batch: FrameBatch) -> FrameBatch:
+    from dataclasses import replace as _replace
+    return _replace(batch, **{k: getattr(batch, k).double() for k in
+                              ("intrinsics", "extrinsics", "lidar2img", "ego_pose", "ego_pose_inv")})
+
+
+def check_parity(reference: nn.Module, onnx_dir: str | os.PathLike, *,
+                 prev_exists=PARITY_PREV_EXISTS, tolerance: float = 1e-4, seed: int = 0,
+                 threads: int | None = None) -> dict:
+    """Stream synthetic frames (6 cameras, a moving ego ~1.6 km from the global origin, absolute
+    timestamps ~1.5e9 s) through the PyTorch ``reference`` model and the exported graphs, each
+    carrying its OWN state, and compare per frame the encoder features, last-layer logits and
+    boxes, the decoded detections and the five state tensors (``prev_exists``: 0 = memory reset).
+
+    Error measure :func:`_err` (absolute below magnitude 1, relative above). Some outputs are
+    ill-conditioned in float32 whatever the runtime: memory points are global coordinates
+    (~1.6e3 m, float32 ulp 1.2e-4 m) re-projected every frame, and key points close to a
+    camera's image plane amplify rounding through the perspective division. So each frame is also
+    run through a float64 copy of the head (same fp32 features and state in): ``floor[name]`` is
+    PyTorch float32's own distance to that exact result. An output passes when its error is
+    ``<= tolerance`` or ``<= 2 * floor`` (ONNX no further from PyTorch fp32 than rounding already
+    puts PyTorch fp32 from the exact value); ``labels`` / ``keep`` (fraction of differing entries
+    among rows not tied in score to 1e-5) must match exactly.
+
+    Returns ``{"frames", "prev_exists", "tolerance", "max_err", "per_output", "float32_floor",
+    "failed", "ok"}``."""
+    import copy
+
+    from raydn.data.synthetic_batch import synthetic_frame_batch
+    from raydn.deploy import OnnxDetector
+    det = OnnxDetector(onnx_dir, threads=threads)
+    reference = reference.eval()
+    head64 = copy.deepcopy(reference.pts_bbox_head).double()
+    B = det.batch_size
+    cfg = reference.cfg
+    st_pt = reference.init_state(B, device=torch.device("cpu"))
+    st_ox = det.init_state(B)
+    worst: dict[str, float] = {}
+    floor: dict[str, float] = {}
+
+    def upd(d, name, v):
+        d[name] = max(d.get(name, 0.0), v)
+
+    for i, pe in enumerate(prev_exists):
+        batch = synthetic_frame_batch(B, tuple(cfg.image_size), frame_index=i,
+                                      prev_exists=[float(pe)] * B, num_boxes=0,
+                                      with_targets=False, seed=seed)
+        with torch.no_grad():
+            feats = reference.extract_feats(batch.images)
+            out64, st64 = head64([f.double() for f in feats], _double_batch(batch),
+                                 TemporalState(**{k: v.double() for k, v in st_pt.as_dict().items()}))
+            out, st_pt = reference.pts_bbox_head(feats, batch, st_pt)
+        cls, box = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
+        upd(floor, "cls_logits", _err(cls, out64["all_cls_scores"][-1]))
+        upd(floor, "bbox_preds", _err(box, out64["all_bbox_preds"][-1]))
+        for f in STATE_FIELDS:
+            upd(floor, f"new_mem_{f}", _err(getattr(st_pt, f), getattr(st64, f)))
+        floor["boxes"] = max(floor.get("boxes", 0.0), floor["bbox_preds"])
+        dense = decode_dense(cls, box, cfg.head.max_num, cfg.head.post_center_range)
+        ox_feats = det.extract_feats(batch.images)
+        for j, (a, b) in enumerate(zip(ox_feats, feats)):
+            upd(worst, f"feat_{j}", _err(a, b))
+        outs, st_ox = det.step(batch, st_ox, feats=ox_feats)
+        upd(worst, "cls_logits", _err(outs["cls_logits"], cls))
+        upd(worst, "bbox_preds", _err(outs["bbox_preds"], box))
+        upd(worst, "scores", _err(outs["scores"], dense[1]))
+        # rows whose score is tied (to 1e-5) with a neighbour may legitimately swap order
+        s = dense[1]
+        one = torch.ones_like(s[:, :1])
+        gap = torch.minimum(torch.cat([one, s[:, :-1] - s[:, 1:]], 1),
+                            torch.cat([s[:, :-1] - s[:, 1:], one], 1))
+        untied = gap > 1e-5
+        upd(worst, "boxes", _err(torch.as_tensor(outs["boxes"])[untied], dense[0][untied]))
+        for name, ref in (("labels", dense[2]), ("keep", dense[3])):
+            diff = torch.as_tensor(outs[name])[untied] != ref[untied]
+            upd(worst, name, float(diff.float().mean()) if diff.numel() else 0.0)
+        for f in STATE_FIELDS:
+            upd(worst, f"new_mem_{f}", _err(getattr(st_ox, f), getattr(st_pt, f)))
+    failed = {}
+    for name, e in worst.items():
+        limit = 0.0 if name in ("labels", "keep") else max(tolerance, 2.0 * floor.get(name, 0.0))
+        if e > limit:
+            failed[name] = e
+    return {"frames": len(prev_exists), "prev_exists": [float(p) for p in prev_exists],
+            "tolerance": tolerance, "max_err": max(worst.values()), "per_output": worst,
+            "float32_floor": floor, "failed": failed, "ok": not failed}
+
+
+def export_model(out_dir: str | os.PathLike, *, checkpoint: str | None = None,
+                 preset: str | None = None, batch_size: int = 1, check: bool = True,
+                 seed: int = 0, trust: bool = False, tolerance: float = 1e-4) -> ExportReport:
+    """Build (from ``checkpoint``, or ``preset`` with seeded random weights), export and, when
+    ``check``, verify against the default PyTorch model (fast paths, same weights); the parity
+    figures are added to the metadata (rewritten atomically). Raises :class:`CheckpointError` /
+    :class:`ExportError` with a clear message; a failed parity check raises :class:`ExportError`
+    after the files are written (they stay for inspection)."""
+    from raydn.errors import CheckpointError
+    from raydn.models.options import RuntimeOptions
+    from raydn.presets import build_model, get_preset
+    if checkpoint is None and preset is None:
+        raise ExportError("give a checkpoint (--checkpoint) or a preset (--preset) to export")
+    if preset is not None:
+        try:
+            get_preset(preset)
+        except KeyError as e:
+            raise ExportError(e.args[0]) from None
+    if checkpoint is not None:
+        from raydn.interop.convert import load_model
+        if not os.path.isfile(checkpoint):
+            raise CheckpointError(f"{checkpoint}: no such checkpoint file")
+        model = load_model(checkpoint, preset, trust=trust, options=RuntimeOptions.for_export())
+    else:
+        torch.manual_seed(seed)
+        model = build_model(preset, options=RuntimeOptions.for_export())
+    name = model.preset
+    model.eval()
+    report = export_onnx(model, out_dir, batch_size=batch_size, preset=name, source=checkpoint)
+    if check:
+        reference = build_model(name).eval()           # the library defaults (fused sampler, ...)
+        reference.load_state_dict(model.state_dict())
+        report.parity = check_parity(reference, out_dir, tolerance=tolerance)
+        meta = dict(report.metadata, parity=report.parity)
+        from raydn.io import atomic_write_json
+        atomic_write_json(Path(out_dir) / META_FILE, meta, indent=1)
+        report.metadata = meta
+        if not report.parity["ok"]:
+            bad = ", ".join(f"{k} {v:.2e} (float32 floor {report.parity['float32_floor'].get(k, 0):.1e})"
+                            for k, v in report.parity["failed"].items())
+            raise ExportError(f"{out_dir}: onnxruntime differs from PyTorch: {bad} "
+                              f"(tolerance {tolerance:.0e} or 2x the floor)")
+    return report
