@@ -76,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
         save_model_file(sd, args.out, preset, source=Path(args.official).name)
         print(f"wrote {len(sd)} tensors (preset {preset}) to {args.out}")
     else:
+        hint = ""
+        if args.preset:  # e.g. an EVA02 checkpoint given with --preset r50_raydn: say which one fits
+            actual = detect_preset(convert_official_state_dict(raw)[0])
+            if actual is not None and actual.split("_")[0] != args.preset.split("_")[0]:
+                hint = f"; its keys and shapes are those of preset {actual}: pass --preset {actual}"
         print(f"raydn convert: error: {args.official} does not match the expected model "
-              f"(see the report above); {args.out} not written (--allow-mismatch writes anyway)",
+              f"(see the report above); {args.out} not written (--allow-mismatch writes anyway){hint}",
               file=sys.stderr)
     return 0 if report.ok else 1
