@@ -32,8 +32,16 @@ COMMANDS = (
 from raydn.errors import RaydnError as UserError  # noqa: E402  (re-exported for commands)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (unknown command, bad option): ``raydn: error: ...``,
+    exit code 2, the full usage left to ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="raydn",
         description="RayDN multi-view streaming 3D object detection (pure PyTorch).")
     parser.add_argument("--version", action="version", version=f"raydn {__version__}")

@@ -11,3 +11,10 @@ class DataError(RaydnError):
 
 class CheckpointError(RaydnError):
     """A checkpoint that cannot be loaded or does not match the model."""
+
+
+class UnknownPresetError(RaydnError, KeyError):
+    """A preset name that does not exist (also a ``KeyError``, as ``get_preset`` always raised)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -143,7 +143,8 @@ def get_preset(name: str | Preset) -> Preset:
     try:
         return _PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(_PRESETS)}") from None
+        from raydn.errors import UnknownPresetError
+        raise UnknownPresetError(f"unknown preset {name!r}; available: {', '.join(_PRESETS)}") from None
 
 
 def build_model(preset: str | Preset = "r50_raydn", *, options=None, **model_overrides):
