@@ -199,3 +199,29 @@ def test_image_file_errors_name_frame_and_camera(val_records, tmp_path):
     frames = CameraRigFrames(load_camera_rig(_write(tmp_path, rig)), AUG)
     with pytest.raises(CalibrationError, match=r"frames\[4\].*CAM_FRONT.*800x450, expected 1600x900"):
         frames.check_images()
+
+
+def test_the_readme_example_is_valid(tmp_path):
+    """The README's complete calibration example parses and runs (with stand-in images)."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"A complete example with two cameras.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "calib.yaml").write_text(block)
+    for cam, size in (("front", (1600, 900)), ("left", (1280, 720))):
+        (tmp_path / cam).mkdir()
+        for j in range(2):
+            Image.new("RGB", size, (40 * j, 90, 160)).save(tmp_path / cam / f"{j:06d}.jpg")
+    rig = load_camera_rig(tmp_path / "calib.yaml")
+    assert rig.camera_names == ("front", "left") and len(rig.frames) == 2
+    np.testing.assert_allclose(rig.cameras[1].cam_to_vehicle[:3, :3], [[1, 0, 0], [0, 0, 1], [0, -1, 0]], atol=1e-6)
+    assert rig.frames[1].timestamp - rig.frames[0].timestamp == pytest.approx(0.1)
+    frames = CameraRigFrames(rig, AUG)
+    frames.check_images()
+    assert frames.src_sizes == ((900, 1600), (720, 1280))
+    item = frames[1]
+    assert item.images.shape == (2, 3, *AUG.final_dim) and item.prev_exists == 1.0
+    # a point 10 m ahead projects to the middle column of the front camera's network input
+    p = item.lidar2img[0].double() @ torch.tensor([11.7, 0.0, 1.5, 1.0], dtype=torch.float64)
+    u = p[0] / p[2]
+    assert abs(u - (816.3 * frames.params[0].resize - frames.params[0].crop[0])) < 1e-3
