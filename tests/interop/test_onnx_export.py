@@ -156,3 +156,31 @@ def test_export_refuses_the_fused_sampler_and_bad_cli_input(tmp_path, capsys):
     assert "unknown preset 'tiny_nope'" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_raydn_infer_with_the_onnxruntime_backend_matches_torch(exported, synth_world, tmp_path, capsys):
+    """`raydn infer --backend onnxruntime --onnx DIR` on a synthetic nuScenes scene gives the
+    torch backend's detections (same checkpoint) frame by frame."""
+    pytest.importorskip("nuscenes")
+    _, out = exported
+    ckpt = out.parent / "model.pt"
+    scene = [s["name"] for s in json.loads((synth_world / "v1.0-mini" / "scene.json").read_text())][0]
+    common = ["--dataroot", str(synth_world), "--scene", scene, "--score-thr", "0", "--workers", "0",
+              "--no-progress"]
+    j_pt, j_ox = tmp_path / "pt.jsonl", tmp_path / "ox.jsonl"
+    assert main(["infer", "--checkpoint", str(ckpt), "--out", str(j_pt), *common]) == 0
+    assert main(["infer", "--backend", "onnxruntime", "--onnx", str(out), "--out", str(j_ox), *common]) == 0, \
+        capsys.readouterr().err
+    assert "backend onnxruntime" in capsys.readouterr().out
+    rec_pt = [json.loads(s) for s in j_pt.read_text().splitlines()]
+    rec_ox = [json.loads(s) for s in j_ox.read_text().splitlines()]
+    assert len(rec_pt) == len(rec_ox) >= 3 and rec_ox[0]["new_sequence"] and not rec_ox[1]["new_sequence"]
+    for a, b in zip(rec_ox, rec_pt):
+        assert a["sample_token"] == b["sample_token"] and len(a["detections"]) == len(b["detections"]) > 0
+        da, db = a["detections"], b["detections"]
+        assert [d["label"] for d in da] == [d["label"] for d in db]
+        assert [d["id"] for d in da] == [d["id"] for d in db]
+        torch.testing.assert_close(torch.tensor([d["score"] for d in da]),
+                                   torch.tensor([d["score"] for d in db]), rtol=0, atol=2e-6)
+        torch.testing.assert_close(torch.tensor([d["box"] for d in da]),
+                                   torch.tensor([d["box"] for d in db]), rtol=0, atol=2e-3)
