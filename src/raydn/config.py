@@ -69,6 +69,10 @@ class HeadConfig:
     max_num: int = 300               # decoded boxes per sample
     with_ego_pos: bool = True
     checkpoint_layers: bool = False  # torch.utils.checkpoint per decoder layer in training
+    # Group-DETR one-to-many training (arXiv 2207.13085; NOT official, 1 = off): ``query_groups - 1``
+    # extra groups of ``num_query`` learnable queries, each matched one-to-one to the GT on its own,
+    # attending only to itself and the temporal memory; training only (no inference cost).
+    query_groups: int = 1
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 

@@ -210,6 +210,15 @@ class RayDNCriterion(nn.Module):
                 losses[layer_key("dn_loss_bbox", l, L)] = dn_bbox[l]
         # official order: last-layer terms first, then d0..d{L-2}
         losses = _official_order(losses, L)
+        if outputs.get("group_cls_scores") is not None:  # Group-DETR training groups (not official)
+            gc, gb = outputs["group_cls_scores"].float(), outputs["group_bbox_preds"].float()
+            Lg, B, Gm, Q = gc.shape[:4]
+            # groups folded into the layer axis: each (layer, group) is matched on its own
+            g_cls, g_box, _ = self.matching_losses(gc.permute(0, 2, 1, 3, 4).reshape(Lg * Gm, B, Q, -1),
+                                                   gb.permute(0, 2, 1, 3, 4).reshape(Lg * Gm, B, Q, -1),
+                                                   gt_boxes, gt_labels)
+            losses["group_loss_cls"] = g_cls.sum()
+            losses["group_loss_bbox"] = g_box.sum()
         if return_assignments:
             return losses, assigned
         return losses

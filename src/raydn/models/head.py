@@ -54,6 +54,10 @@ class RayDNHead(nn.Module):
         self.reg_branches = tied_module_list(reg_branch, cfg.num_layers)
 
         self.reference_points = nn.Embedding(cfg.num_query, 3)
+        if cfg.query_groups < 1:
+            raise ValueError(f"HeadConfig.query_groups must be >= 1, got {cfg.query_groups}")
+        if cfg.query_groups > 1:  # Group-DETR training groups (not official; no checkpoint key otherwise)
+            self.group_reference_points = nn.Embedding(cfg.num_query * (cfg.query_groups - 1), 3)
         if cfg.num_propagated > 0:
             self.pseudo_reference_points = nn.Embedding(cfg.num_propagated, 3)
         self.query_embedding = nn.Sequential(nn.Linear(C * 3 // 2, C), nn.ReLU(), nn.Linear(C, C))
@@ -86,6 +90,8 @@ class RayDNHead(nn.Module):
             self.pseudo_reference_points.weight.requires_grad = False
         self.transformer.init_weights()
         nn.init.constant_(self.cls_branches[0][-1].bias, bias_init_with_prob(0.01))
+        if self.cfg.query_groups > 1:  # drawn last: the official parameters' draws are unchanged
+            nn.init.uniform_(self.group_reference_points.weight, 0, 1)
 
     def init_state(self, batch_size: int, device=None) -> TemporalState:
         """Fresh memory: zeros, M rows (timestamps float64)."""
@@ -199,9 +205,19 @@ class RayDNHead(nn.Module):
         else:
             ref = self.reference_points.weight.unsqueeze(0).expand(B, -1, -1)
             attn_mask, D = None, 0
+        G = self.cfg.query_groups if self.training else 1
+        if G > 1:  # extra groups' queries after the main ones (moved behind the propagated rows below)
+            ref = torch.cat([ref, self.group_reference_points.weight.unsqueeze(0).expand(B, -1, -1)], 1)
         query_pos = self.query_embedding(pos2posemb3d(ref, self.embed_dims // 2))
         tgt = torch.zeros_like(query_pos)
         tgt, query_pos, ref, temp_memory, temp_pos = self._temporal_alignment(query_pos, tgt, ref, mem)
+        E = 0
+        if G > 1:  # [DN, Q, extra, P] -> [DN, Q, P, extra]
+            E, n0 = (G - 1) * self.num_query, D + self.num_query
+            tgt, query_pos, ref = (torch.cat([x[:, :n0], x[:, n0 + E:], x[:, n0:n0 + E]], 1)
+                                   for x in (tgt, query_pos, ref))
+            attn_mask = group_attention_mask(attn_mask, D + self.num_query + self.num_propagated,
+                                             self.num_query, G, temp_memory.shape[1], ref.device)
 
         lidar2img = batch.lidar2img.to(device, dtype)
         outs_dec = self.transformer(tgt, query_pos, feat_flatten, shapes, starts, temp_memory,
@@ -209,6 +225,12 @@ class RayDNHead(nn.Module):
                                     self.cfg.pc_range)
         outs_dec = torch.nan_to_num(outs_dec)
         all_cls, all_box = self._predict(outs_dec, ref)
+        group_out = {}
+        if E:
+            L = all_cls.shape[0]
+            group_out = {"group_cls_scores": all_cls[:, :, -E:].reshape(L, B, G - 1, self.num_query, -1),
+                         "group_bbox_preds": all_box[:, :, -E:].reshape(L, B, G - 1, self.num_query, -1)}
+            all_cls, all_box, outs_dec = all_cls[:, :, :-E], all_box[:, :, :-E], outs_dec[:, :, :-E]
 
         new_state = post_update(mem, batch.ego_pose, batch.timestamp, all_cls[-1, :, D:],
                                 all_box[-1, :, D:], outs_dec[-1, :, D:], self.topk_proposals)
@@ -216,9 +238,34 @@ class RayDNHead(nn.Module):
             "all_cls_scores": all_cls[:, :, D:], "all_bbox_preds": all_box[:, :, D:], "dn": dn,
             "dn_cls_scores": all_cls[:, :, :D] if dn is not None else None,
             "dn_bbox_preds": all_box[:, :, :D] if dn is not None else None,
+            **group_out,
         }
         if return_intermediates:
             out.update(tgt=tgt, query_pos=query_pos, temp_memory=temp_memory, temp_pos=temp_pos,
                        reference_points=ref, attn_mask=attn_mask, outs_dec=outs_dec)
         return out, new_state
 
+
+
+def group_attention_mask(base: Tensor | None, num_main: int, num_query: int, groups: int,
+                         num_memory: int, device) -> Tensor:
+    """Self-attention mask with Group-DETR training groups (True = blocked).
+
+    Query rows: the ``num_main`` official rows (DN + Q + P, masked by ``base`` (num_main,
+    num_main + num_memory) or not at all), then ``groups - 1`` groups of ``num_query`` rows.
+    Key columns: the same queries, then ``num_memory`` temporal-memory rows. The official rows
+    never see the extra groups; each extra group sees itself and the temporal memory only.
+    Returns (num_main + E, num_main + E + num_memory), E = (groups - 1) * num_query."""
+    E = (groups - 1) * num_query
+    Lq = num_main + E
+    mask = torch.ones(Lq, Lq + num_memory, dtype=torch.bool, device=device)
+    if base is None:
+        mask[:num_main, :num_main] = False
+        mask[:num_main, Lq:] = False
+    else:
+        mask[:num_main, :num_main] = base[:, :num_main]
+        mask[:num_main, Lq:] = base[:, num_main:]
+    gid = torch.arange(E, device=device) // num_query
+    mask[num_main:, num_main:Lq] = gid[:, None] != gid[None, :]
+    mask[num_main:, Lq:] = False
+    return mask
