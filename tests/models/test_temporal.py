@@ -61,3 +61,31 @@ def test_pre_update_checks_the_state_shape():
     with pytest.raises(ValueError, match=r"expected \(B=1, M=5"):
         pre_update(st, torch.ones(1), torch.eye(4)[None], torch.zeros(1, dtype=torch.float64),
                    memory_len=5, embed_dims=8)
+
+
+def test_memory_and_projection_geometry_stay_float32_under_bf16_autocast():
+    """Global coordinates (~1.6e3 m) in a bf16 product round to ~8 m: the memory update and the
+    camera projection run in float32 even inside a bf16 autocast region (same values as fp32)."""
+    from raydn.models.transformer import DeformableFeatureAggregation
+    g = torch.Generator().manual_seed(1)
+    B, M, C, K, Q = 1, 6, 4, 3, 5
+    ego = _pose(0.4, (600.0, 1600.0, 0.0))[None]
+    t = torch.tensor([1.5e9], dtype=torch.float64)
+    mem = pre_update(None, torch.zeros(B), torch.linalg.inv(ego), t, memory_len=M, embed_dims=C)
+    cls, box, dec = (torch.randn(B, Q, n, generator=g).bfloat16() for n in (3, 10, C))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        st = post_update(mem, ego, t, cls, box, dec, K)
+        mem2 = pre_update(st, torch.ones(B), torch.linalg.inv(ego), t + 0.5, memory_len=M, embed_dims=C)
+    ref = post_update(mem, ego, t, cls.float(), box.float(), dec.float(), K)
+    assert st.reference_point.dtype == st.egopose.dtype == st.embedding.dtype == torch.float32
+    assert torch.equal(st.reference_point, ref.reference_point) and torch.equal(st.egopose, ref.egopose)
+    assert mem2.reference_point.dtype == torch.float32
+    torch.testing.assert_close(mem2.reference_point[:, :K], box[..., :3].float().gather(
+        1, cls.float().sigmoid().amax(-1).topk(K, dim=1).indices[..., None].expand(-1, -1, 3)),
+        atol=1e-3, rtol=0)
+    kp = torch.randn(B, 7, 4, 3, generator=g) * 20
+    l2i = torch.randn(B, 6, 4, 4, generator=g) * 500
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        uv = DeformableFeatureAggregation.project(kp, l2i, (256, 704))
+    assert uv.dtype == torch.float32
+    assert torch.equal(uv, DeformableFeatureAggregation.project(kp, l2i, (256, 704)))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raydn.geometry import nerf_positional_encoding
+from raydn.geometry import fp32_geometry, nerf_positional_encoding
 from raydn.models.state import TemporalState
 
 __all__ = ["Memory", "transform_homogeneous", "pre_update", "post_update", "memory_motion",
@@ -68,9 +68,17 @@ def pre_update(state: TemporalState | None, prev_exists: Tensor, ego_pose_inv: T
         dtype, device: of the float tensors (timestamps are float64).
 
     Returns: :class:`Memory` in the current LiDAR frame with ages ``t_now - t_insert``.
+    Runs in float32 (``dtype``) even under autocast (:func:`raydn.geometry.fp32_geometry`).
     """
-    B, M, C = prev_exists.shape[0], memory_len, embed_dims
     device = prev_exists.device if device is None else device
+    with fp32_geometry(device):
+        return _pre_update(state, prev_exists, ego_pose_inv, timestamp, memory_len, embed_dims,
+                           pseudo_reference, dtype, device)
+
+
+def _pre_update(state, prev_exists, ego_pose_inv, timestamp, memory_len, embed_dims,
+                pseudo_reference, dtype, device) -> Memory:
+    B, M, C = prev_exists.shape[0], memory_len, embed_dims
     x = prev_exists.to(device=device, dtype=dtype).reshape(B)
     if state is None:  # official "memory is None": zeros, no transform
         mem = Memory(x.new_zeros(B, M, C), x.new_zeros(B, M, 3),
@@ -84,14 +92,14 @@ def pre_update(state: TemporalState | None, prev_exists: Tensor, ego_pose_inv: T
         t_now = timestamp.to(device=device, dtype=torch.float64).view(B, 1, 1)
         xd = x.to(torch.float64).view(B, 1, 1)
         ts = (state.timestamp.to(torch.float64) + t_now) * xd
-        egopose = (inv.unsqueeze(1) @ state.egopose) * x.view(B, 1, 1, 1)
-        ref = transform_homogeneous(state.reference_point, inv) * x.view(B, 1, 1)
-        mem = Memory(state.embedding * x.view(B, 1, 1), ref, ts, egopose,
-                     state.velo * x.view(B, 1, 1))
+        egopose = (inv.unsqueeze(1) @ state.egopose.to(dtype)) * x.view(B, 1, 1, 1)
+        ref = transform_homogeneous(state.reference_point.to(dtype), inv) * x.view(B, 1, 1)
+        mem = Memory(state.embedding.to(dtype) * x.view(B, 1, 1), ref, ts, egopose,
+                     state.velo.to(dtype) * x.view(B, 1, 1))
     if pseudo_reference is not None and pseudo_reference.shape[0] > 0:
         P = int(pseudo_reference.shape[0])
         r = (1 - x).view(B, 1, 1)
-        ref = torch.cat([mem.reference_point[:, :P] + r * pseudo_reference,
+        ref = torch.cat([mem.reference_point[:, :P] + r * pseudo_reference.to(dtype),
                          mem.reference_point[:, P:]], 1)
         eye = torch.eye(4, device=device, dtype=dtype)
         ego = torch.cat([mem.egopose[:, :P] + r.unsqueeze(-1) * eye, mem.egopose[:, P:]], 1)
@@ -112,8 +120,19 @@ def post_update(mem: Memory, ego_pose: Tensor, timestamp: Tensor, cls_last: Tens
         topk: K, the number of queries written into the memory.
 
     Returns: the next :class:`TemporalState` (global frame, ``-t_insert``; M rows, the K new ones
-    first; all detached).
+    first; all detached; float32 / float64 timestamps even under autocast).
     """
+    with fp32_geometry(bbox_last.device):
+        return _post_update(mem, ego_pose, timestamp, _atleast_fp32(cls_last.detach()),
+                            _atleast_fp32(bbox_last.detach()), _atleast_fp32(dec_last.detach()), topk)
+
+
+def _atleast_fp32(t: Tensor) -> Tensor:
+    """fp16 / bf16 (autocast outputs) -> float32; float32 / float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _post_update(mem: Memory, ego_pose, timestamp, cls_last, bbox_last, dec_last, topk) -> TemporalState:
     B, M = cls_last.shape[0], mem.embedding.shape[1]
     K = topk
     score = cls_last.detach().sigmoid().amax(dim=-1)                          # (B, Q+P)

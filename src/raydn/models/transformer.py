@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from raydn.geometry import denormalize_points
+from raydn.geometry import denormalize_points, fp32_geometry
 from raydn.models.deformable import deformable_sample, get_sampler
 from raydn.models.layers import FFN
 
@@ -204,12 +204,16 @@ class DeformableFeatureAggregation(nn.Module):
         """Key points (B, A, P, 3) metres -> normalised image locations (B*N, A, P, 2) (x, y)."""
         B, A, P, _ = key_points.shape
         N = lidar2img.shape[1]
-        pts = torch.cat([key_points, torch.ones_like(key_points[..., :1])], dim=-1)
-        # Full 4x4 @ 4x1 products, as officially: the summation order matters for parity
-        # (pixel coordinates ~1e4 before the division; an einsum drifts by ~1e-5 downstream).
-        cam = torch.matmul(lidar2img[:, :, None, None], pts[:, None, ..., None]).squeeze(-1)
-        uv = cam[..., :2] / cam[..., 2:3].clamp(min=1e-5)                        # (B, N, A, P, 2)
-        uv = uv / uv.new_tensor([float(pad_shape[1]), float(pad_shape[0])])
+        with fp32_geometry(key_points.device):  # pixel x depth ~1e4: float32 even under autocast
+            if key_points.dtype in (torch.float16, torch.bfloat16):
+                key_points = key_points.float()
+            lidar2img = lidar2img.to(key_points.dtype)
+            pts = torch.cat([key_points, torch.ones_like(key_points[..., :1])], dim=-1)
+            # Full 4x4 @ 4x1 products, as officially: the summation order matters for parity
+            # (pixel coordinates ~1e4 before the division; an einsum drifts by ~1e-5 downstream).
+            cam = torch.matmul(lidar2img[:, :, None, None], pts[:, None, ..., None]).squeeze(-1)
+            uv = cam[..., :2] / cam[..., 2:3].clamp(min=1e-5)                    # (B, N, A, P, 2)
+            uv = uv / uv.new_tensor([float(pad_shape[1]), float(pad_shape[0])])
         return uv.reshape(B * N, A, P, 2)
 
     def forward(self, instance_feature: Tensor, query_pos: Tensor, feat_flatten: Tensor,
