@@ -5,14 +5,19 @@ HELP = "evaluate a checkpoint: streaming inference, nuScenes submission JSON, of
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True,
-                   help="raydn checkpoint (training checkpoint or `raydn convert` output)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint",
+                      help="raydn checkpoint (training checkpoint or `raydn convert` output)")
+    what.add_argument("--submission", metavar="FILE",
+                      help="score this existing nuScenes submission JSON instead (checked first: every "
+                           "sample of --data, finite values, known classes, <= 500 boxes per sample)")
     p.add_argument("--data", required=True, help="val/test info pickle (from `raydn prepare`)")
     p.add_argument("--dataroot", required=True, help="nuScenes dataroot (for the metric's GT)")
     p.add_argument("--version", default=None,
                    help="nuScenes version (default: from the info file's metadata)")
     p.add_argument("--eval-set", default=None, help="split to score (default: val / mini_val)")
-    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: next to the checkpoint; with --submission: its folder)")
     p.add_argument("--evaluator", choices=["devkit", "fast", "both"], default="devkit",
                    help="official devkit metric, our fast evaluator, or both (cross-checked)")
     p.add_argument("--workers", type=int, default=2)
@@ -33,11 +38,21 @@ def run(args) -> int:
     from raydn.interop.convert import load_model
     from raydn.presets import get_preset
 
+    if args.submission:
+        from raydn.engine.score import score_submission_file
+        score_submission_file(args.submission, infos_path=args.data, dataroot=args.dataroot,
+                              version=args.version, eval_set=args.eval_set, out_dir=args.out,
+                              evaluator=args.evaluator, plots=not args.no_plots)
+        print(f"metrics written to {args.out or Path(args.submission).resolve().parent}")
+        return 0
     dist = setup_distributed(args.device)
     try:
         model = load_model(args.checkpoint).to(dist.device).eval()
         info = load_info_file(args.data)
         version = args.version or info.get("metadata", {}).get("version", "v1.0-trainval")
+        if not args.format_only:  # the test split has no GT: refuse before inference or any output
+            from raydn.engine.score import refuse_without_ground_truth
+            refuse_without_ground_truth(version, args.eval_set, args.data)
         aug = get_preset(model.preset).train.aug if model.preset else None
         from dataclasses import replace
         aug = replace(aug, training=False)

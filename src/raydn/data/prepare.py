@@ -17,6 +17,7 @@ restarts at the first missing split.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -72,15 +73,26 @@ def check_dataroot(dataroot, version: str) -> Path:
 
 
 def _check_files(nusc, root: Path) -> None:
-    """All keyframe camera images and LIDAR_TOP files must exist (names one missing and the count)."""
-    missing = []
+    """All keyframe camera images and LIDAR_TOP files must exist (names one missing and the count),
+    and every camera image must be a complete JPEG (:func:`raydn.data.validate.check_jpeg_file`: a
+    truncated image stops the preparation, not a training run later)."""
+    from raydn.data.validate import check_jpeg_file
+    missing, broken = [], []
     for sd in nusc.sample_data:
         if sd["is_key_frame"] and (sd["channel"] in CAMERA_NAMES or sd["channel"] == "LIDAR_TOP"):
-            if not (root / sd["filename"]).is_file():
+            path = root / sd["filename"]
+            if not path.is_file():
                 missing.append(sd["filename"])
+            elif sd["channel"] in CAMERA_NAMES:
+                try:
+                    check_jpeg_file(path)
+                except DataError as e:
+                    broken.append(str(e))
     if missing:
         raise DataError(f"{len(missing)} sensor file(s) listed in sample_data.json are missing under {root}, "
                         f"e.g. {root / missing[0]}")
+    if broken:
+        raise DataError(f"{len(broken)} camera image(s) are broken, e.g. {broken[0]}")
 
 
 def _stamp(root: Path, vdir: Path, version: str) -> str:
@@ -295,7 +307,41 @@ def prepare_infos(dataroot, version: str, out_dir, progress: bool = True, force:
     root = str(dataroot)
     vdir = check_dataroot(dataroot, version)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _exclusive(out):
+            return _prepare_locked(root, vdir, version, out, progress, force, image_size)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failed first run leaves no empty folder behind
+            out.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """One ``prepare`` at a time per output folder: a second one waits (saying so), then finds the
+    pickles up to date and returns at once. ``fcntl.flock`` on the folder itself (no lock file),
+    released by the OS if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: atomic writes still keep every file whole
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"raydn prepare: another prepare is writing into {folder}; waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _prepare_locked(root: str, vdir: Path, version: str, out: Path, progress: bool, force: bool,
+                    image_size) -> dict[str, Path]:
     paths = info_paths(out, version)
     stamp = _stamp(Path(root), vdir, version)
     stamp_path = out / f".{INFO_PREFIX}_temporal_infos_{version}.stamp.json"

@@ -48,14 +48,20 @@ def run_devkit_eval(result_path: str | os.PathLike, dataroot: str | os.PathLike,
             raise DataError(f"{table_dir}: nuScenes tables not found (dataroot {dataroot!r}, version {version!r})")
         nusc = NuScenes(version=version, dataroot=os.fspath(dataroot), verbose=verbose)
     os.makedirs(out_dir, exist_ok=True)
+    plot_dir = os.path.join(out_dir, "plots")
+    had_plots = os.path.isdir(plot_dir)
     try:
         ev = DetectionEval(nusc, config=config_factory(config_name), result_path=result_path,
                            eval_set=eval_set, output_dir=out_dir, verbose=verbose)
     except (AssertionError, KeyError, ValueError) as e:
+        if not had_plots and os.path.isdir(plot_dir) and not os.listdir(plot_dir):
+            os.rmdir(plot_dir)  # DetectionEval creates it before reading the file: no empty folder left
         raise DataError(f"{result_path}: rejected by the nuScenes devkit: {e}") from None
     metrics, md_list = ev.evaluate()
     if plots:
         ev.render(metrics, md_list)
+    elif not had_plots and os.path.isdir(plot_dir) and not os.listdir(plot_dir):
+        os.rmdir(plot_dir)
     summary = metrics.serialize()
     summary["meta"] = dict(ev.meta)
     _atomic_json(os.path.join(out_dir, "metrics_summary.json"), summary)

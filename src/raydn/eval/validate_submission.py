@@ -1,0 +1,107 @@
+"""Checks of a nuScenes detection submission before it is scored, with messages that name the file,
+the sample, the record and the field (the devkit answers most of these with a bare ``AssertionError``
+or scores garbage).
+
+Rules (nuScenes detection format): an object ``{"meta": {...}, "results": {sample_token: [record]}}``;
+every sample of the evaluated split present, no other sample, at most 500 records per sample; each
+record has ``sample_token`` (= its key), ``translation`` (3), ``size`` (3, all > 0), ``rotation`` (4,
+a quaternion w, x, y, z), ``velocity`` (2; NaN allowed, as in the devkit), ``detection_name`` (one of
+the 10 classes), ``detection_score`` (finite, in [0, 1]) and ``attribute_name`` ('' or a nuScenes
+attribute).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+from raydn.errors import DataError
+from raydn.eval.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
+
+MAX_BOXES_PER_SAMPLE = 500
+_VECTORS = (("translation", 3, False), ("size", 3, False), ("rotation", 4, False), ("velocity", 2, True))
+META_KEYS = ("use_camera", "use_lidar", "use_radar", "use_map", "use_external")
+
+
+def _numbers(where: str, name: str, value, n: int, nan_ok: bool) -> list[float]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise DataError(f"{where}: field {name!r} must be a list of {n} numbers, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and v is not None:
+            raise DataError(f"{where}: field {name!r} must be a list of {n} numbers, got {value!r}")
+        f = float("nan") if v is None else float(v)
+        if math.isinf(f) or (math.isnan(f) and not nan_ok):
+            raise DataError(f"{where}: field {name!r} is {value!r}; expected finite numbers")
+        out.append(f)
+    return out
+
+
+def check_record(where: str, token: str, rec) -> None:
+    """One submission record (see the module docstring)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+    missing = [k for k in ("sample_token", "translation", "size", "rotation", "velocity", "detection_name",
+                           "detection_score", "attribute_name") if k not in rec]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    if rec["sample_token"] != token:
+        raise DataError(f"{where}: field 'sample_token' is {rec['sample_token']!r} but the record is listed "
+                        f"under sample {token!r}")
+    vec = {name: _numbers(where, name, rec[name], n, nan_ok) for name, n, nan_ok in _VECTORS}
+    if any(s <= 0 for s in vec["size"]):
+        raise DataError(f"{where}: field 'size' is {rec['size']!r}; expected three sizes > 0 (w, l, h in metres)")
+    if sum(q * q for q in vec["rotation"]) < 1e-12:
+        raise DataError(f"{where}: field 'rotation' is {rec['rotation']!r}; expected a quaternion (w, x, y, z), "
+                        f"not zero")
+    name = rec["detection_name"]
+    if name not in DETECTION_NAMES:
+        raise DataError(f"{where}: field 'detection_name' is {name!r}; expected one of {', '.join(DETECTION_NAMES)}")
+    score = rec["detection_score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not (0.0 <= float(score) <= 1.0):
+        raise DataError(f"{where}: field 'detection_score' is {score!r}; expected a number in [0, 1]")
+    attr = rec["attribute_name"]
+    if attr != "" and attr not in ATTRIBUTE_NAMES:
+        raise DataError(f"{where}: field 'attribute_name' is {attr!r}; expected '' or one of "
+                        f"{', '.join(ATTRIBUTE_NAMES)}")
+
+
+def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
+                        max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE) -> dict:
+    """Read and check the submission at ``path`` against the evaluated split's ``sample_tokens``.
+    Returns the parsed JSON; raises :class:`DataError` at the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: submission file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise DataError(f"{path}: expected an object with 'meta' and a 'results' dict (sample token -> boxes)")
+    meta = data.get("meta")
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        raise DataError(f"{path}: field 'meta' must be an object with {', '.join(META_KEYS)}, got {meta!r}")
+    results = data["results"]
+    expected = set(sample_tokens)
+    unknown = [t for t in results if t not in expected]
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} sample(s) are not in the evaluated split, e.g. {unknown[0]!r}")
+    absent = [t for t in sample_tokens if t not in results]
+    if absent:
+        raise DataError(f"{path}: {len(absent)} sample(s) of the evaluated split are missing, e.g. {absent[0]!r} "
+                        f"(every sample must be listed, with an empty list if it has no detections)")
+    for token, recs in results.items():
+        if not isinstance(recs, list):
+            raise DataError(f"{path}: results[{token!r}] must be a list of boxes, got {type(recs).__name__}")
+        if len(recs) > max_boxes_per_sample:
+            raise DataError(f"{path}: sample {token!r} has {len(recs)} boxes; at most {max_boxes_per_sample} "
+                            f"are allowed (keep the highest-scoring ones)")
+        for i, rec in enumerate(recs):
+            check_record(f"{path}: results[{token!r}][{i}]", token, rec)
+    return data
+
+
+__all__ = ["MAX_BOXES_PER_SAMPLE", "check_record", "validate_submission"]

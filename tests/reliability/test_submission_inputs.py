@@ -1,0 +1,125 @@
+"""Submissions scored by ``raydn eval --submission FILE --data INFOS --dataroot DIR``: a good one is
+scored; a NaN score, a NaN box size, a missing sample, an unknown sample, more than 500 boxes for one
+sample or an unknown class name is refused with a message naming the file, sample, record and field,
+exit code 2, and nothing written (no metrics, no empty ``plots/`` folder)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nuscenes")
+
+from raydn.cli import main as cli_main  # noqa: E402
+from raydn.data.infos import load_info_file  # noqa: E402
+from raydn.errors import DataError  # noqa: E402
+from raydn.eval.submission import build_submission  # noqa: E402
+from raydn.geometry import CLASS_NAMES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def good_results(synth_infos):
+    """A submission made from the ground truth of the session world's val split."""
+    infos = load_info_file(synth_infos[1]["val"])["infos"]
+    dets = []
+    for info in infos:
+        keep = np.array([n in CLASS_NAMES for n in info["gt_names"]], dtype=bool)
+        vel = np.nan_to_num(info["gt_velocity"][keep])
+        boxes = np.concatenate([info["gt_boxes"][keep], vel], axis=1).astype(np.float32)
+        labels = np.array([CLASS_NAMES.index(n) for n in info["gt_names"][keep]], dtype=np.int64)
+        dets.append({"boxes": boxes, "scores": np.full(len(boxes), 0.9, np.float32), "labels": labels})
+    results = build_submission(dets, infos)
+    assert sum(len(v) for v in results.values()) > 20
+    return results
+
+
+def _write(folder, results):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results_nusc.json"
+    meta = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
+    path.write_text(json.dumps({"meta": meta, "results": results}))
+    return path
+
+
+def _score(capsys, path, synth_infos, synth_world, *extra):
+    rc = cli_main(["eval", "--submission", str(path), "--data", str(synth_infos[1]["val"]),
+                   "--dataroot", str(synth_world), *extra])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_good_submission_is_scored(good_results, synth_infos, synth_world, tmp_path, capsys):
+    path = _write(tmp_path / "sub", good_results)
+    rc, out, err = _score(capsys, path, synth_infos, synth_world, "--evaluator", "fast")
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "sub" / "fast_metrics_summary.json").read_text())
+    assert metrics["mean_ap"] > 0.9                   # the GT scored against itself
+    assert f"metrics written to {tmp_path / 'sub'}" in out
+
+
+def _first(results):
+    token = next(t for t, recs in results.items() if recs)
+    return token, results[token]
+
+
+def _nan_score(r):
+    t, recs = _first(r)
+    recs[1]["detection_score"] = float("nan")
+    return rf"results\['{t}'\]\[1\]: field 'detection_score' is nan; expected a number in \[0, 1\]"
+
+
+def _nan_size(r):
+    t, recs = _first(r)
+    recs[0]["size"][2] = float("nan")
+    return rf"results\['{t}'\]\[0\]: field 'size' is \[.*nan\]; expected finite numbers"
+
+
+def _missing_sample(r):
+    t = sorted(r)[2]
+    del r[t]
+    return rf"1 sample\(s\) of the evaluated split are missing, e.g. '{t}'"
+
+
+def _unknown_sample(r):
+    t, recs = _first(r)
+    r["not-a-sample-token"] = [dict(recs[0], sample_token="not-a-sample-token")]
+    return r"1 sample\(s\) are not in the evaluated split, e.g. 'not-a-sample-token'"
+
+
+def _too_many(r):
+    t, recs = _first(r)
+    r[t] = [copy.deepcopy(recs[0]) for _ in range(501)]
+    return rf"sample '{t}' has 501 boxes; at most 500 are allowed"
+
+
+def _unknown_class(r):
+    t, recs = _first(r)
+    recs[2]["detection_name"] = "spaceship"
+    return rf"results\['{t}'\]\[2\]: field 'detection_name' is 'spaceship'; expected one of car, truck"
+
+
+@pytest.mark.parametrize("damage", [_nan_score, _nan_size, _missing_sample, _unknown_sample, _too_many,
+                                    _unknown_class], ids=lambda f: f.__name__.strip("_"))
+def test_bad_submission_is_refused_and_nothing_is_written(good_results, synth_infos, synth_world, tmp_path,
+                                                          capsys, damage):
+    results = copy.deepcopy(good_results)
+    pattern = damage(results)
+    path = _write(tmp_path / "sub", results)
+    rc, _, err = _score(capsys, path, synth_infos, synth_world)      # the devkit evaluator (writes plots)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    import re
+    assert re.search(pattern, err) and str(path) in err, err
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["results_nusc.json"]
+
+
+def test_devkit_rejection_leaves_no_empty_plots_folder(good_results, synth_world, tmp_path):
+    """Past our checks, a file the devkit still rejects (here: scored against another split) is a
+    DataError and DetectionEval's freshly made plots/ folder is removed again."""
+    from raydn.eval.devkit import run_devkit_eval
+    path = _write(tmp_path / "sub", good_results)
+    out = tmp_path / "metrics"
+    with pytest.raises(DataError, match="rejected by the nuScenes devkit"):
+        run_devkit_eval(path, synth_world, "v1.0-mini", "mini_train", out, plots=True, quiet=True)
+    assert not (out / "plots").exists()
