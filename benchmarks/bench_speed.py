@@ -216,11 +216,26 @@ def _infer_frames(model, device, dtype, frames):
     return times, state, out
 
 
+def score_parity(out, ref) -> dict:
+    """Last-frame score agreement of ``out`` (e.g. bf16) with ``ref`` (fp32), same frames and
+    weights: max / mean |sigmoid score difference| over all queries x classes, and the overlap of
+    the top-100 (query, class) pairs."""
+    a = out["all_cls_scores"][-1].float().sigmoid().flatten(1)
+    b = ref["all_cls_scores"][-1].float().sigmoid().flatten(1)
+    k = min(100, b.shape[1])
+    ta, tb = set(a.topk(k, dim=1).indices[0].tolist()), set(b.topk(k, dim=1).indices[0].tolist())
+    return {"max_abs": float((a - b).abs().max()), "mean_abs": float((a - b).abs().mean()),
+            "top100_overlap": len(ta & tb) / k, "max_score": float(a.max()), "max_score_fp32": float(b.max())}
+
+
 def case_det_infer(variant, device, dtype, repeats):
     model = build(variant, device).eval()
     times, _, out = _infer_frames(model, device, dtype, repeats)
     res = {k: _median(v) for k, v in times.items()}
     res["score_sum"] = float(out["all_cls_scores"][-1].float().sigmoid().sum())
+    if dtype != "fp32":  # the same frames again in fp32 (same model, same memory history)
+        _, _, ref = _infer_frames(model, device, "fp32", repeats)
+        res["vs_fp32"] = score_parity(out, ref)
     return res
 
 
@@ -328,6 +343,13 @@ def print_table(results: dict, args) -> None:
         if results["flops"].get("baseline"):
             fb = results["flops"]["baseline"]
             print(f"  baseline: {fb['achieved'] / 1e9:.1f} GFLOP/s in {fb['total']:.3f} s, ratio {fb['ratio']:.2f}")
+    for variant, r in results.get("det_infer", {}).items():
+        if r and "vs_fp32" in r:
+            p = r["vs_fp32"]
+            print(f"det_infer {variant}: {args.dtype} vs fp32 scores (last frame, same weights and "
+                  f"frames): max |diff| {p['max_abs']:.2e}, mean {p['mean_abs']:.2e}, top-100 "
+                  f"overlap {p['top100_overlap']:.2f}, max score {p['max_score']:.4f} vs "
+                  f"{p['max_score_fp32']:.4f}")
     for case in ("head_train", "det_train", "det_infer"):
         if case in results and results[case].get("baseline") and results[case].get("ours"):
             b, o = results[case]["baseline"], results[case]["ours"]

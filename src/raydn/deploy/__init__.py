@@ -44,7 +44,8 @@ class OnnxDetector:
     Args:
         onnx_dir: a `raydn export` output directory.
         threads: onnxruntime intra-op threads (default: ``torch.get_num_threads()``, so that both
-            back ends use the same number); inter-op threads are 1 (sequential execution).
+            back ends use the same number); inter-op threads are 1 (sequential execution); idle
+            threads wait passively (no spinning).
         providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``).
     """
 
@@ -58,6 +59,9 @@ class OnnxDetector:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        # passive waiting, as OMP_WAIT_POLICY=PASSIVE for torch: spinning intra-op threads steal
+        # the cores from whatever runs next on a shared CPU (the data loader, PyTorch, ...)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers or ["CPUExecutionProvider"]
         files = meta["files"]
         try:
