@@ -201,3 +201,23 @@ def test_two_concurrent_prepares_into_one_folder(synth_world, tmp_path):
         "nuscenes2d_temporal_infos_train.pkl", "nuscenes2d_temporal_infos_val.pkl"]
     assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".stamp.json")]
     assert len(_load(out / "nuscenes2d_temporal_infos_train.pkl")["infos"]) == 12
+
+
+def test_truncated_jpeg_after_prepare_stops_training_before_the_run_folder(synth_world, synth_infos,
+                                                                         tmp_path, capsys):
+    """Info files not checked by our prepare (released ones, or an image damaged later): ``raydn train``
+    checks every camera image before it creates the run folder."""
+    root = copy_world(synth_world, tmp_path / "root")
+    from raydn.data.prepare import prepare_infos
+    paths = prepare_infos(root, MINI, tmp_path / "infos", progress=False)
+    bad = camera_file(root, MINI, 1, "CAM_FRONT")
+    data = bad.read_bytes()
+    bad.unlink()
+    bad.write_bytes(data[:1000])
+    run = tmp_path / "run"
+    rc = cli_main(["train", "--preset", "tiny_raydn", "--data", str(paths["train"]), "--out", str(run),
+                   "--workers", "0", "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"1 of 72 camera images are broken, e.g. {bad}: truncated JPEG (1000 bytes" in err, err
+    assert not run.exists()

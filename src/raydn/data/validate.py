@@ -112,4 +112,29 @@ def check_jpeg_file(path: str | os.PathLike) -> None:
                         f"end); re-copy or re-download this image")
 
 
-__all__ = ["check_frame_batch", "check_jpeg_file"]
+def check_dataset_images(dataset) -> None:
+    """Every camera image of a :class:`~raydn.data.dataset.NuScenesStreamingDataset` exists and is a
+    complete JPEG (:func:`check_jpeg_file`; 66 bytes read per image). Raises one :class:`DataError`
+    with the count and the first bad file -- e.g. for info files not made by ``raydn prepare``."""
+    from raydn.data.dataset import resolve_image_path
+    from raydn.geometry import CAMERA_NAMES
+    missing, broken, n = [], [], 0
+    for rec in dataset.infos:
+        for cam in CAMERA_NAMES:
+            path = resolve_image_path(rec["cams"][cam]["data_path"], dataset.data_root)
+            n += 1
+            if not path.is_file():
+                missing.append(path)
+                continue
+            try:
+                check_jpeg_file(path)
+            except DataError as e:
+                broken.append(str(e))
+    if missing:
+        raise DataError(f"{len(missing)} of {n} camera images are missing, e.g. {missing[0]} "
+                        f"(check --dataroot)")
+    if broken:
+        raise DataError(f"{len(broken)} of {n} camera images are broken, e.g. {broken[0]}")
+
+
+__all__ = ["check_dataset_images", "check_frame_batch", "check_jpeg_file"]

@@ -114,10 +114,6 @@ class Trainer:
         self.preset: Preset = get_preset(opts.preset)
         recipe = self.preset.train
         self.out_dir = Path(opts.out_dir)
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in run_files.clean_stale_temp_files(self.out_dir):  # left by a kill mid-save
-                print(f"removed {stale.name}, a checkpoint write that did not finish", flush=True)
 
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed)
@@ -127,6 +123,13 @@ class Trainer:
         self.dataset = NuScenesStreamingDataset(
             opts.data, recipe.aug, data_root=opts.dataroot, seq_split_num=recipe.seq_split_num,
             seed=opts.seed)
+        # bad data stops here, before the run folder exists: missing or truncated camera images
+        from raydn.data.validate import check_dataset_images
+        check_dataset_images(self.dataset)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in run_files.clean_stale_temp_files(self.out_dir):  # left by a kill mid-save
+                print(f"removed {stale.name}, a checkpoint write that did not finish", flush=True)
         self.schedule: Schedule = derive_schedule(
             num_train_frames=len(self.dataset), world_size=world, batch_per_gpu=self.batch_per_gpu,
             reference_total_batch=recipe.total_batch_size,
