@@ -83,7 +83,11 @@ class OnnxDetector:
 
     # ----------------------------------------------------------------------------- state
     def init_state(self, batch_size: int | None = None, device=None) -> TemporalState:
-        """Fresh memory (zeros) for ``batch_size`` slots (must equal the exported batch size)."""
+        """Fresh memory (zeros, CPU tensors) for ``batch_size`` slots (must equal the exported batch
+        size; default it). ``device`` is accepted for signature compatibility with
+        ``RayDNDetector.init_state`` and must be None or a CPU device."""
+        if device is not None and torch.device(device).type != "cpu":
+            raise ExportError(f"OnnxDetector keeps its state on the CPU, got device={device!r}")
         B = self.batch_size if batch_size is None else int(batch_size)
         if B != self.batch_size:
             raise ExportError(f"{self.onnx_dir}: exported for batch size {self.batch_size}, "
