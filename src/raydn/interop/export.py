@@ -172,8 +172,8 @@ class ExportReport:
                          f"{p['max_err']:.2e} (absolute, relative above magnitude 1; tolerance "
                          f"{p['tolerance']:.0e} or 2x PyTorch float32's own error vs float64)")
             for name, e in sorted(p["per_output"].items(), key=lambda kv: -kv[1])[:4]:
-                lines.append(f"    {name:<24s} {e:.2e}   float32 floor "
-                             f"{p['float32_floor'].get(name, float('nan')):.2e}")
+                fl = p["float32_floor"].get(name)
+                lines.append(f"    {name:<24s} {e:.2e}" + (f"   float32 floor {fl:.2e}" if fl is not None else ""))
         return "\n".join(lines)
 
 
