@@ -21,7 +21,10 @@ an object it already follows (two ids on one object), as its duplicate removal i
 The tracker needs only the last layer's class logits of the non-denoising queries and the head
 settings; it reproduces the selections of :func:`raydn.models.decode.decode` and of the memory
 update with the same tensor operations, and checks the detections it is given against them
-(``RuntimeError`` if they are out of step, instead of wrong ids).
+(``RuntimeError`` if they are out of step, instead of wrong ids). Detections and memory rows are
+then tied to their queries by the values they copy exactly (box centre, velocity), so a backend
+that orders tied scores differently (onnxruntime's top-k; sigmoid scores saturate at 1.0 for
+confident detections) still gets every id on the right box.
 """
 from __future__ import annotations
 
@@ -75,13 +78,30 @@ class QueryIdTracker:
         qs = [query[b][keep[b]].cpu() for b in range(B)]  # per slot: ragged results
         return (qs, [scores[b][keep[b]].cpu() for b in range(B)]) if with_scores else qs
 
+    @staticmethod
+    def _resolve(candidate: Tensor, key: Tensor, keys: Tensor) -> Tensor:
+        """candidate (k,) query per item; key (k, d) values the item copied exactly from its
+        query's row of keys (Q+P, d). Where the candidate's row differs (tied scores ordered
+        differently by another top-k implementation, e.g. onnxruntime), take the first query whose
+        row equals the item's; the candidate is kept where it matches or nothing does."""
+        ok = (keys[candidate] == key).all(-1)
+        if bool(ok.all()):
+            return candidate
+        eq = (key[:, None] == keys[None]).all(-1)                       # (k, Q+P)
+        found = eq.any(1)
+        return torch.where(ok | ~found, candidate, eq.to(torch.uint8).argmax(1))
+
     def step(self, prev_exists: Tensor, cls_last: Tensor, bbox_last: Tensor,
-             detections: list[dict] | None = None) -> list[Tensor]:
+             detections: list[dict] | None = None, memory_velo: Tensor | None = None) -> list[Tensor]:
         """Advance one frame; returns the id (k_b,) int64 of every detection of every slot.
 
         ``prev_exists`` (B,) 0/1; ``cls_last`` / ``bbox_last`` the last decoder layer's
         non-denoising outputs of this frame (B, Q+P, .); ``detections`` (optional) the dicts the
-        model returned (``scores`` in decode order): checked against the tracker's own selection."""
+        model returned: checked against the tracker's own selection (count and scores), and each
+        detection is tied to the query whose centre it carries (exact copy); ``memory_velo``
+        (optional) the first K rows of the new state's ``velo`` (exact copies of the inserted
+        queries' velocities): ties the memory rows to their queries the same way. Both make the
+        ids independent of how a backend orders tied scores."""
         B, QP = cls_last.shape[:2]
         if B != self.B or QP != self.Q + self.P:
             raise ValueError(f"QueryIdTracker: expected (B={self.B}, Q+P={self.Q + self.P}) queries, "
@@ -99,7 +119,11 @@ class QueryIdTracker:
                 if got.shape != s.shape or not torch.allclose(got, s, rtol=1e-5, atol=1e-6):
                     raise RuntimeError(f"QueryIdTracker: slot {b}: the {len(got)} detections do not match "
                                        f"the {len(s)} decoded queries (decode settings out of step)")
+                det_q[b] = self._resolve(det_q[b], d["boxes"][:, :3].detach().float().cpu(), bbox_last[b, :, :3])
         topk = torch.topk(cls_last.sigmoid().amax(dim=-1), self.K, dim=1).indices     # (B, K)
+        if memory_velo is not None:
+            mv = memory_velo.detach().float().cpu()
+            topk = torch.stack([self._resolve(topk[b], mv[b], bbox_last[b, :, -2:]) for b in range(B)])
 
         need = torch.zeros(B, QP, dtype=torch.bool)
         need.scatter_(1, topk, True)

@@ -20,7 +20,8 @@ frame of the sample; own cameras: the calibration file's vehicle frame), metres,
 ``box_global``: the same box in the world frame (``ego_pose`` of the frame, float64; own cameras:
 the calibration file's world frame). ``id``: the memory track id (see
 :mod:`raydn.engine.query_ids`): a detection made by a query propagated from the memory keeps the
-id that query got when it was first inserted; ``null`` where the backend cannot report it.
+id that query got when it was first inserted (both backends: the onnxruntime step graph returns the
+last layer's logits and boxes too); ``null`` where a backend cannot report them.
 """
 from __future__ import annotations
 
@@ -370,7 +371,8 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
             dets, state, cls, box = backend.step(batch, state)
             ids = None
             if tracker is not None and cls is not None:
-                ids = tracker.step(batch.prev_exists, cls, box, dets)[0]
+                ids = tracker.step(batch.prev_exists, cls, box, dets,
+                                   memory_velo=state.velo[:, :tracker.K])[0]
             else:
                 have_ids = False
             meta = batch.meta[0]
