@@ -17,7 +17,7 @@ def add_arguments(p):
     p.add_argument("--preset", default="demo_raydn",
                    help="preset to train (default demo_raydn: ImageNet MobileNetV2 + tiny head)")
     p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (8 train + 2 val)")
-    p.add_argument("--profile", choices=("demo", "realistic"), default="demo",
+    p.add_argument("--profile", choices=("demo", "rays", "realistic"), default="demo",
                    help="synthetic world layout (see `raydn synth --help`)")
     p.add_argument("--samples-per-scene", type=int, default=40)
     p.add_argument("--iters", type=int, default=1500,

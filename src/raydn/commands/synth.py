@@ -14,9 +14,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="render processes (output does not depend on it)")
     parser.add_argument("--render-scale", type=float, default=0.4,
                         help="internal render resolution relative to 1600x900 (images are upscaled)")
-    parser.add_argument("--profile", choices=("realistic", "demo"), default="realistic",
-                        help="world layout: realistic (nuScenes-like, objects up to ~60 m) or demo "
-                             "(slow ego, objects within ~35 m; what `raydn demo` trains on)")
+    parser.add_argument("--profile", choices=("realistic", "demo", "rays"), default="realistic",
+                        help="world layout: realistic (nuScenes-like, objects up to ~60 m), demo "
+                             "(slow ego, objects within ~35 m; what `raydn demo` trains on) or rays "
+                             "(demo + columns of cars / pedestrians one behind another along camera rays)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
 

@@ -328,6 +328,9 @@ def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bo
     except KeyError as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
     model = build_model(name, options=options)
+    # training-only parameters (Group-DETR query groups, HeadConfig.query_groups): not part of the
+    # inference model, dropped
+    sd = {k: v for k, v in sd.items() if not k.endswith("pts_bbox_head.group_reference_points.weight")}
     sd, report = convert_official_state_dict(sd, expected=model)
     if strict and not report.ok:
         raise CheckpointError(f"{path}: checkpoint does not match preset {name!r}\n{report.summary()}")

@@ -65,6 +65,9 @@ class WorldProfile:
     ahead: tuple = (-40.0, 55.0)
     ahead_near: tuple = (-25.0, 30.0)
     spawn: float | tuple = 1.0
+    #: ``((class, count), ...)``: columns of 3 static objects of that class standing one behind
+    #: another along a ray from the cameras (the hard case for depth: duplicates along rays)
+    columns: tuple = ()
 
 
 #: ``realistic``: nuScenes-like urban driving (objects up to ~60 m, 3-13 m/s).
@@ -75,6 +78,12 @@ PROFILES = {
     "demo": WorldProfile("demo", ego_speed=(1.0, 6.0), ego_stop_prob=0.3, ahead=(-25.0, 32.0),
                          ahead_near=(-18.0, 24.0),
                          spawn=(("car", 0.4), ("pedestrian", 0.5), ("barrier", 0.5), ("traffic_cone", 0.5))),
+    # ``rays``: the demo world plus columns of cars and pedestrians along camera rays (4 + 4 per
+    # scene, 3 objects each) -- makes the duplicates that ray denoising targets frequent
+    "rays": WorldProfile("rays", ego_speed=(1.0, 6.0), ego_stop_prob=0.3, ahead=(-25.0, 32.0),
+                         ahead_near=(-18.0, 24.0),
+                         spawn=(("car", 0.3), ("pedestrian", 0.3), ("barrier", 0.5), ("traffic_cone", 0.5)),
+                         columns=(("car", 4), ("pedestrian", 4))),
 }
 
 
@@ -203,7 +212,8 @@ def _jitter_color(rng, base) -> np.ndarray:
     return np.clip(c, 0.02, 1.0)
 
 
-def _spawn_plan(rng: np.random.Generator, spawn: float | tuple = 1.0) -> list[tuple[str, str, int]]:
+def _spawn_plan(rng: np.random.Generator, spawn: float | tuple = 1.0,
+                columns: tuple = ()) -> list[tuple[str, str, int]]:
     """(class, role, group size) of the objects to place in one scene (``spawn`` scales the counts,
     see :class:`WorldProfile`)."""
     plan = [("trailer", "parked", 1), ("trailer", "parked", 1), ("bus", "moving", 1), ("bus", "stopped", 1)]
@@ -225,6 +235,8 @@ def _spawn_plan(rng: np.random.Generator, spawn: float | tuple = 1.0) -> list[tu
                 pos = [pos[int(j)] for j in np.linspace(0, len(pos) - 1, keep).round()]
             kept.update(pos)
         plan = [e for i, e in enumerate(plan) if i in kept]
+    for cls_name, count in columns:  # after the profile's own plan: its draws are unchanged
+        plan += [(cls_name, "column", 3)] * int(count)
     return plan
 
 
@@ -262,6 +274,15 @@ def _propose(rng, cls_name, role, group, ego: EgoTrack, duration, prof: WorldPro
     else:  # rows of barriers / cones
         d = side * (rng.uniform(5.0, 14.0) if cls_name == "barrier" else rng.uniform(3.8, 9.0))
         heading = eyaw + rng.normal(0.0, 0.1)
+    if role == "column":  # objects one behind another along a ray from the camera cluster
+        bearing = eyaw + rng.uniform(-1.0, 1.0) + (np.pi if rng.random() < 0.3 else 0.0)
+        ray = np.array([np.cos(bearing), np.sin(bearing)])
+        origin = exy + 1.3 * fwd
+        r0 = rng.uniform(7.0, 12.0)
+        spacing = rng.uniform(7.0, 9.0) if cls_name == "car" else rng.uniform(3.0, 4.5)
+        yaw_obj = rng.uniform(-np.pi, np.pi) if cls_name == "pedestrian" else bearing + rng.normal(0.0, 0.3)
+        kind = KIND_PARKED
+        return tau, [(origin + (r0 + k * spacing) * ray, yaw_obj, 0.0, kind) for k in range(group)]
     base = exy + s * fwd + d * left
     out = []
     if role == "row":
@@ -302,7 +323,7 @@ def simulate_scene(name: str, index: int, seed: int, n_samples: int,
     rows = []  # accepted objects: dict per object
     acc_pos = np.zeros((check_t.shape[0], 0, 2))
     acc_rad = np.zeros(0)
-    for cls_name, role, group in _spawn_plan(rng, prof.spawn):
+    for cls_name, role, group in _spawn_plan(rng, prof.spawn, prof.columns):
         spec = CLASS_SPECS[cls_name]
         for _attempt in range(80):
             tau, members = _propose(rng, cls_name, role, group, ego, duration, prof)
