@@ -33,6 +33,8 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["NDS"] <= 1.0 and 0.0 <= report["mAP"] <= 1.0
     assert report["iterations"] == 12
+    rd = report["ray_duplicates"]
+    assert rd["gt_boxes"] > 0 and 0 <= rd["ray_duplicates"] <= rd["false_positives"]
     files = report["files"]
     for key in ("checkpoint", "submission", "metrics", "loss_curve"):
         assert Path(files[key]).exists(), key

@@ -125,6 +125,18 @@ def test_time_budget_refit_gives_iterations_back(synth_infos, tmp_path):
     assert tr.schedule.max_iters == 40
 
 
+def test_time_budget_never_goes_below_the_floor(synth_infos, tmp_path, capsys):
+    """A slow machine: the budget would allow 5 iterations, the floor keeps 15 and says so."""
+    tr = Trainer(_opts(synth_infos, tmp_path / "floor", max_iters=40, time_budget_s=20.0,
+                       budget_min_iters=15))
+    tr.iteration = 2
+    tr._fit_time_budget(elapsed=17.0, rate=1.0, cap=40)      # 3 s left -> 5, floor 15
+    assert tr.schedule.max_iters == 15
+    assert "keeping 15" in capsys.readouterr().out
+    tr._fit_time_budget(elapsed=0.0, rate=0.01, cap=40)      # fast: the cap, not the floor
+    assert tr.schedule.max_iters == 40
+
+
 def test_checkpoint_files_and_logs(synth_infos, tmp_path):
     out = tmp_path / "logs"
     res = Trainer(_opts(synth_infos, out, max_iters=2, ckpt_interval=1, tensorboard=True)).run()

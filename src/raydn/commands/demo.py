@@ -20,11 +20,15 @@ def add_arguments(p):
     p.add_argument("--profile", choices=("demo", "rays", "realistic"), default="demo",
                    help="synthetic world layout (see `raydn synth --help`)")
     p.add_argument("--samples-per-scene", type=int, default=40)
-    p.add_argument("--iters", type=int, default=1500,
-                   help="training iterations (at most; see --minutes)")
+    p.add_argument("--iters", type=int, default=4000,
+                   help="training iterations at most; the --minutes budget usually sets fewer "
+                        "(the cosine schedule is fitted to what the measured speed allows)")
     p.add_argument("--minutes", type=float, default=14.0,
                    help="wall-clock budget of the whole demo: training is shortened (its cosine schedule "
                         "re-derived) when the measured speed would not fit; 0 = no budget")
+    p.add_argument("--min-iters", type=int, default=1200,
+                   help="never train fewer iterations than this, even when the --minutes budget is "
+                        "exceeded (a slow machine then takes longer instead of giving a poor model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--frames", type=int, default=4, help="frames to render")
@@ -110,7 +114,7 @@ def run(args) -> int:
     opts = TrainOptions(preset=args.preset, data=str(paths["train"]), out_dir=str(out / "train"),
                         max_iters=iters, seed=args.seed, workers=args.workers,
                         ckpt_interval=10 ** 9, log_interval=25, progress=progress, device="cpu",
-                        time_budget_s=budget)
+                        time_budget_s=budget, budget_min_iters=None if args.quick else args.min_iters)
     trainer = Trainer(opts)
     result = trainer.run()
     timings["train"] = time.time() - t
@@ -129,6 +133,8 @@ def run(args) -> int:
     sub = write_submission(dets, val.infos, out / "eval" / "results_nusc.json")
     rep = evaluate_submission(sub, dataroot=root, version="v1.0-mini", eval_set="mini_val",
                               out_dir=out / "eval", evaluator="devkit", plots=True)
+    from raydn.eval.ray_duplicates import format_ray_duplicates, ray_duplicates
+    ray_dup = ray_duplicates(dets, val.infos)
     timings["eval"] = time.time() - t
 
     t = _step("5/5 pictures")
@@ -146,6 +152,7 @@ def run(args) -> int:
     report = {
         "NDS": m["nd_score"], "mAP": m["mean_ap"], "tp_errors": m["tp_errors"],
         "per_class_AP": m["mean_dist_aps"], "iterations": result["iteration"],
+        "ray_duplicates": {k: v for k, v in ray_dup.items()},
         "target": dict(TARGET, reached=bool(m["mean_ap"] >= TARGET["mAP"] and m["nd_score"] >= TARGET["NDS"])),
         "schedule": result["schedule"], "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "files": {"world": str(root), "infos": {k: str(v) for k, v in paths.items()},
@@ -153,7 +160,8 @@ def run(args) -> int:
                   "metrics": str(out / "eval" / "metrics_summary.json"),
                   "loss_curve": str(curve), "frames": [str(p) for p in pictures]},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    from raydn.io import atomic_write_json
+    atomic_write_json(out / "report.json", report, indent=2)
     total = sum(timings.values())
     print("\n================ raydn demo report ================")
     print(f"synthetic mini_val: NDS {m['nd_score']:.4f}  mAP {m['mean_ap']:.4f}  "
@@ -161,6 +169,7 @@ def run(args) -> int:
     print(f"project target: mAP >= {TARGET['mAP']:.2f}, NDS >= {TARGET['NDS']:.2f} in <= 15 min on 2 cores: "
           + ("reached" if report["target"]["reached"] else "NOT reached (see README, 'Demo accuracy')"))
     print("TP errors: " + ", ".join(f"{k} {v:.3f}" for k, v in m["tp_errors"].items()))
+    print(format_ray_duplicates(ray_dup))
     print(f"trained {result['iteration']} iterations; time: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
     print(f"pictures: {out / 'frames'}  loss curve: {curve}")

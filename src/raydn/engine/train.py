@@ -58,6 +58,7 @@ class TrainOptions:
     # Off by default (the run length then depends on the machine); a resumed run keeps the length.
     time_budget_s: float | None = None
     budget_probe: int = 20
+    budget_min_iters: int | None = None  # the time budget never shortens the schedule below this
     model_overrides: dict = field(default_factory=dict)
     # Cache the frozen backbone stem's outputs once per training frame (raydn.models.stem_cache):
     # 'auto' = when the preset's training transform is deterministic and its stem is frozen (the
@@ -266,7 +267,15 @@ class Trainer:
     def _fit_time_budget(self, elapsed: float, rate: float, cap: int) -> None:
         """Fit the schedule into the time budget: ``elapsed`` s spent so far in this run, ``rate``
         s per iteration; at most ``cap`` iterations. All ranks take rank 0's decision."""
-        fit = broadcast_int(_fitted_iters(self.iteration, float(self.opts.time_budget_s) - elapsed, rate, cap))
+        fit = _fitted_iters(self.iteration, float(self.opts.time_budget_s) - elapsed, rate, cap)
+        floor = min(cap, int(self.opts.budget_min_iters or 0))
+        if fit < floor:  # a slow machine: keep a useful schedule, say how long it will take
+            if self.dist.is_main:
+                print(f"time budget: {fit} iterations would fit; keeping {floor} (--min-iters), "
+                      f"about {(floor - self.iteration) * rate / 60:.1f} more minutes at {rate:.2f} s/it",
+                      flush=True)
+            fit = floor
+        fit = broadcast_int(fit)
         if fit != self.schedule.max_iters:
             if self.dist.is_main:
                 print(f"time budget {self.opts.time_budget_s:.0f} s at {rate:.2f} s/it: schedule "
