@@ -48,7 +48,9 @@ def explain_load_error(path: Path, exc: BaseException, trust_flag: str = "--trus
     if kind == "empty":
         return f"{path}: empty file (0 bytes); expected a PyTorch checkpoint"
     if kind == "other":
-        return (f"{path}: not a PyTorch checkpoint ({size} bytes starting with {path.read_bytes()[:4].hex()}; "
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return (f"{path}: not a PyTorch checkpoint ({size} bytes starting with {head.hex()}; "
                 f"expected a torch.save zip archive or a pickle)")
     text = str(exc)
     found = _GLOBAL_RE.search(text)
