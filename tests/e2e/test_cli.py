@@ -64,6 +64,8 @@ def test_eval_cli_writes_a_submission_the_devkit_accepts(synth_world, synth_info
     fast = json.loads((out / "fast_metrics_summary.json").read_text())
     assert abs(devkit["nd_score"] - fast["nd_score"]) < 1e-6
     assert abs(devkit["mean_ap"] - fast["mean_ap"]) < 1e-6
+    rd = json.loads((out / "ray_duplicates.json").read_text())
+    assert rd["gt_boxes"] > 0 and 0 <= rd["ray_duplicates"] <= rd["false_positives"]
 
 
 def test_eval_cli_errors_are_clean(tmp_path, capsys):

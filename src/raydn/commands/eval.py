@@ -74,6 +74,12 @@ def run(args) -> int:
             d = abs(rep.metrics["nd_score"] - rep.fast_metrics["nd_score"])
             print(f"fast evaluator vs devkit: |dNDS| = {d:.2e} "
                   f"(devkit {rep.seconds['devkit']:.1f}s, fast {rep.seconds['fast']:.2f}s)")
+        if dataset.load_annotations:  # duplicates along camera rays (raydn.eval.ray_duplicates)
+            from raydn.eval.ray_duplicates import format_ray_duplicates, ray_duplicates
+            from raydn.io import atomic_write_json
+            rd = ray_duplicates(dets, dataset.infos)
+            print(format_ray_duplicates(rd))
+            atomic_write_json(out / "ray_duplicates.json", rd, indent=2)
         print(f"metrics written to {out}")
         return 0
     finally:
