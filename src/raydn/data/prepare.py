@@ -76,18 +76,12 @@ def _check_files(nusc, root: Path) -> None:
     """All keyframe camera images and LIDAR_TOP files must exist (names one missing and the count),
     and every camera image must be a complete JPEG (:func:`raydn.data.validate.check_jpeg_file`: a
     truncated image stops the preparation, not a training run later)."""
-    from raydn.data.validate import check_jpeg_file
-    missing, broken = [], []
-    for sd in nusc.sample_data:
-        if sd["is_key_frame"] and (sd["channel"] in CAMERA_NAMES or sd["channel"] == "LIDAR_TOP"):
-            path = root / sd["filename"]
-            if not path.is_file():
-                missing.append(sd["filename"])
-            elif sd["channel"] in CAMERA_NAMES:
-                try:
-                    check_jpeg_file(path)
-                except DataError as e:
-                    broken.append(str(e))
+    from raydn.data.validate import scan_files
+    keyframes = [sd for sd in nusc.sample_data
+                 if sd["is_key_frame"] and (sd["channel"] in CAMERA_NAMES or sd["channel"] == "LIDAR_TOP")]
+    cameras = {root / sd["filename"] for sd in keyframes if sd["channel"] in CAMERA_NAMES}
+    missing, broken = scan_files([root / sd["filename"] for sd in keyframes], cameras.__contains__)
+    missing = [Path(m).relative_to(root) for m in missing]
     if missing:
         raise DataError(f"{len(missing)} sensor file(s) listed in sample_data.json are missing under {root}, "
                         f"e.g. {root / missing[0]}")

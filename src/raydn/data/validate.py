@@ -112,24 +112,31 @@ def check_jpeg_file(path: str | os.PathLike) -> None:
                         f"end); re-copy or re-download this image")
 
 
+def scan_files(paths, is_image=None) -> tuple[list, list]:
+    """(missing paths, broken-image messages) of ``paths``; ``is_image(path)`` says which ones
+    must be complete JPEGs (:func:`check_jpeg_file`; default: all)."""
+    missing, broken = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            missing.append(path)
+        elif is_image is None or is_image(path):
+            try:
+                check_jpeg_file(path)
+            except DataError as e:
+                broken.append(str(e))
+    return missing, broken
+
+
 def check_dataset_images(dataset) -> None:
     """Every camera image of a :class:`~raydn.data.dataset.NuScenesStreamingDataset` exists and is a
     complete JPEG (:func:`check_jpeg_file`; 66 bytes read per image). Raises one :class:`DataError`
     with the count and the first bad file -- e.g. for info files not made by ``raydn prepare``."""
     from raydn.data.dataset import resolve_image_path
     from raydn.geometry import CAMERA_NAMES
-    missing, broken, n = [], [], 0
-    for rec in dataset.infos:
-        for cam in CAMERA_NAMES:
-            path = resolve_image_path(rec["cams"][cam]["data_path"], dataset.data_root)
-            n += 1
-            if not path.is_file():
-                missing.append(path)
-                continue
-            try:
-                check_jpeg_file(path)
-            except DataError as e:
-                broken.append(str(e))
+    paths = [resolve_image_path(rec["cams"][cam]["data_path"], dataset.data_root)
+             for rec in dataset.infos for cam in CAMERA_NAMES]
+    missing, broken = scan_files(paths)
+    n = len(paths)
     if missing:
         raise DataError(f"{len(missing)} of {n} camera images are missing, e.g. {missing[0]} "
                         f"(check --dataroot)")
@@ -137,4 +144,4 @@ def check_dataset_images(dataset) -> None:
         raise DataError(f"{len(broken)} of {n} camera images are broken, e.g. {broken[0]}")
 
 
-__all__ = ["check_dataset_images", "check_frame_batch", "check_jpeg_file"]
+__all__ = ["check_dataset_images", "check_frame_batch", "check_jpeg_file", "scan_files"]
