@@ -26,7 +26,7 @@ def add_arguments(p):
     p.add_argument("--minutes", type=float, default=14.0,
                    help="wall-clock budget of the whole demo: training is shortened (its cosine schedule "
                         "re-derived) when the measured speed would not fit; 0 = no budget")
-    p.add_argument("--min-iters", type=int, default=1200,
+    p.add_argument("--min-iters", type=int, default=800,
                    help="never train fewer iterations than this, even when the --minutes budget is "
                         "exceeded (a slow machine then takes longer instead of giving a poor model)")
     p.add_argument("--seed", type=int, default=0)
