@@ -1,7 +1,8 @@
 """Reduced overfit check (the full one is ``benchmarks/bench_overfit.py``: 6 frames, 1000
 iterations, mAP >= 0.9 and mATE <= 0.15 m): the demo model memorises two frames of a small
 ``demo``-profile world in 150 iterations and localises them to a fraction of a metre. Measured
-here: mAP 0.77, median centre error 0.16 m, loss 45 -> 14; the bounds leave room for other CPUs."""
+here: mAP 0.77 / mATE 0.23 m with AVX-512 kernels, mAP 0.73 / mATE 0.31 m with AVX2 ones (150
+iterations amplify rounding differences); the bounds leave room for both."""
 from __future__ import annotations
 
 import pytest
@@ -25,4 +26,4 @@ def test_demo_model_memorises_two_frames(demo_infos):
     assert r.frames == 2 and r.gt_boxes > 0 and r.iterations == 150
     assert r.loss_last < 0.5 * r.loss_first, r.as_dict()
     assert r.mAP >= 0.5, r.as_dict()
-    assert r.median_centre_error <= 0.4, r.as_dict()
+    assert r.mATE <= 0.6, r.as_dict()
