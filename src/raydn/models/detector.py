@@ -101,7 +101,8 @@ class RayDNDetector(nn.Module):
             B = images.shape[0]
             x = self.prepare_images(images)
         else:
-            B, x = int(batch_size), stem
+            B = int(batch_size)
+            x = stem.contiguous(memory_format=torch.channels_last) if self.channels_last else stem
         ctx = (torch.autocast(device_type=x.device.type, dtype=self.encoder_autocast)
                if (self.training and self.encoder_autocast is not None) else contextlib.nullcontext())
         with ctx:

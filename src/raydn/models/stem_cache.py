@@ -82,8 +82,5 @@ class StemCache:
         if missing:
             raise KeyError(f"StemCache: no stem features for sample {missing[0]!r} "
                            f"({len(missing)} of {len(tokens)} missing); fill the cache first")
-        ys = [self._store[t] for t in tokens]
-        fmt = (torch.channels_last if ys[0].dim() == 4 and ys[0].is_contiguous(memory_format=torch.channels_last)
-               and not ys[0].is_contiguous() else torch.contiguous_format)
-        out = torch.cat(ys, 0).contiguous(memory_format=fmt)
+        out = torch.cat([self._store[t] for t in tokens], 0)  # the detector sets the memory layout
         return out.to(device) if device is not None else out
