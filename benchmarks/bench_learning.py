@@ -11,6 +11,9 @@ duplicate rate vs iterations.
     python benchmarks/bench_learning.py --world raydn_demo/world --out bench_learning \\
         --variants raydn,no_ray --seeds 0,1 --iters 1300 --evals 3       # hours on 2 CPU cores
     python benchmarks/bench_learning.py --out bench_learning --report     # table + learning_curves.png
+    # equal wall-clock (issue 9's criterion for a learning-speed option): two variants side by side
+    OMP_NUM_THREADS=1 python benchmarks/bench_learning.py --variants raydn --seeds 0 --minutes 14 &
+    OMP_NUM_THREADS=1 python benchmarks/bench_learning.py --variants groups3 --seeds 0 --minutes 14
 
 Variants: ``raydn`` (demo_raydn), ``no_ray`` (demo_raydn with ray denoising off = demo_repdetr3d),
 ``groups3`` (demo_raydn + 3 Group-DETR training groups), ``no_cache`` (stem cache off).
@@ -60,18 +63,23 @@ def evaluate_checkpoint(model, val_ds, world: Path, out_dir: Path) -> dict:
 
 
 def run_one(world: Path, infos: Path, out: Path, variant: str, seed: int, iters: int, evals: int,
-            workers: int) -> dict:
+            workers: int, minutes: float | None = None) -> dict:
+    """Train one variant (``iters`` iterations, or -- with ``minutes`` -- as many as fit in that
+    wall-clock budget, at most ``iters``, the schedule fitted to it as in the demo) and score its
+    checkpoints (with a budget: the final one only, the length being known only at the end)."""
     import torch
 
     from raydn.data.dataset import NuScenesStreamingDataset
     from raydn.engine.train import Trainer, TrainOptions
     preset, overrides, extra = variant_options(variant)
-    run_dir = out / "runs" / f"{variant}_s{seed}"
-    every = max(1, iters // max(1, evals))
+    label = variant if minutes is None else f"{variant}@{minutes:g}min"
+    run_dir = out / "runs" / (f"{variant}_s{seed}" if minutes is None else f"{variant}_t{minutes:g}_s{seed}")
+    every = max(1, iters // max(1, evals)) if minutes is None else 10 ** 9
     opts = TrainOptions(preset=preset, data=str(infos / "nuscenes2d_temporal_infos_train.pkl"),
                         out_dir=str(run_dir / "train"), max_iters=iters, seed=seed, workers=workers,
                         ckpt_interval=every, log_interval=25, progress=True, device="cpu",
-                        tensorboard=False, model_overrides=overrides, **extra)
+                        tensorboard=False, model_overrides=overrides,
+                        time_budget_s=None if minutes is None else 60.0 * minutes, **extra)
     t = time.time()
     trainer = Trainer(opts)
     result = trainer.run()
@@ -87,8 +95,9 @@ def run_one(world: Path, infos: Path, out: Path, variant: str, seed: int, iters:
         curve.append(r)
         print(f"{variant} seed {seed} iter {r['iter']}: mAP {r['mAP']:.4f} NDS {r['NDS']:.4f} "
               f"ray dup/GT {r['ray_duplicates_per_gt']:.3f}", flush=True)
-    res = {"variant": variant, "seed": seed, "preset": preset, "iters": iters,
-           "train_seconds": round(train_s, 1), "seconds_per_iter": round(train_s / max(1, iters), 3),
+    done = int(result["iteration"])
+    res = {"variant": label, "seed": seed, "preset": preset, "iters": done, "budget_minutes": minutes,
+           "train_seconds": round(train_s, 1), "seconds_per_iter": round(train_s / max(1, done), 3),
            "final": curve[-1], "curve": curve, "loss": [h["loss"] for h in result["history"]]}
     from raydn.io import atomic_write_json
     atomic_write_json(run_dir / "result.json", res, indent=2)
@@ -111,7 +120,7 @@ def report(out: Path) -> str:
         return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
     for name, rs in by.items():
         f = [r["final"] for r in rs]
-        lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['iters']} | "
+        lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {'/'.join(str(r['iters']) for r in rs)} | "
                      f"{ms([x['mAP'] for x in f])} | {ms([x['NDS'] for x in f])} | "
                      f"{ms([x['tp_errors']['trans_err'] for x in f])} | "
                      f"{ms([x['ray_duplicates_per_gt'] for x in f])} | {ms([x['ray_duplicate_fp_share'] for x in f])} | "
@@ -151,6 +160,10 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--iters", type=int, default=1300)
     p.add_argument("--evals", type=int, default=3, help="checkpoints evaluated along the run")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="equal wall-clock comparison: train each run for this many minutes (at most "
+                        "--iters iterations; run variants side by side, e.g. OMP_NUM_THREADS=1, so "
+                        "that they share the machine alike)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--report", action="store_true", help="only gather existing results")
     a = p.parse_args()
@@ -163,7 +176,7 @@ def main() -> int:
             prepare_infos(world, "v1.0-mini", infos, progress=True)
         for v in a.variants.split(","):
             for s in a.seeds.split(","):
-                run_one(world, infos, out, v.strip(), int(s), a.iters, a.evals, a.workers)
+                run_one(world, infos, out, v.strip(), int(s), a.iters, a.evals, a.workers, a.minutes)
     print(report(out))
     return 0
 
