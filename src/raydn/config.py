@@ -67,6 +67,10 @@ class HeadConfig:
     pc_range: tuple = PC_RANGE
     post_center_range: tuple = POST_CENTER_RANGE
     max_num: int = 300               # decoded boxes per sample
+    # Class-wise BEV NMS after decoding (NOT official: the official head is NMS-free): per class
+    # (``CLASS_NAMES`` order) the radius in metres within which a lower-scored detection of the
+    # same class is dropped (:func:`raydn.models.decode.bev_nms_keep`). None = NMS-free (official).
+    nms_radius: tuple | None = None
     with_ego_pos: bool = True
     checkpoint_layers: bool = False  # torch.utils.checkpoint per decoder layer in training
     # Group-DETR one-to-many training (arXiv 2207.13085; NOT official, 1 = off): ``query_groups - 1``

@@ -133,13 +133,25 @@ class OnnxDetector:
         """Decoded detections per sample, as ``RayDNDetector.predict``: dicts with ``boxes`` (k, 9)
         LiDAR boxes (gravity centre), ``scores`` (k,), ``labels`` (k,) int64 (torch tensors)."""
         outs, new = self.step(batch, state)
+        return self.detections(outs), new
+
+    def detections(self, outs: dict[str, np.ndarray]) -> list[dict]:
+        """The decoded detections of :meth:`step`'s outputs: the graph's fixed ``max_num`` rows
+        cut to ``keep`` (centre range), then the class-wise BEV NMS when the exported model
+        decodes with one (``metadata['nms_radius']``, as :func:`raydn.models.decode.decode_single`)."""
+        from raydn.models.decode import bev_nms_keep
+        radius = self.metadata.get("nms_radius")
         dets = []
-        for b in range(outs["boxes"].shape[0]):
+        for b in range(outs["boxes"].shape[0]):  # per slot: ragged kept rows
             keep = outs["keep"][b]
-            dets.append({"boxes": torch.from_numpy(outs["boxes"][b][keep]),
-                         "scores": torch.from_numpy(outs["scores"][b][keep]),
-                         "labels": torch.from_numpy(outs["labels"][b][keep].astype(np.int64))})
-        return dets, new
+            d = {"boxes": torch.from_numpy(outs["boxes"][b][keep]),
+                 "scores": torch.from_numpy(outs["scores"][b][keep]),
+                 "labels": torch.from_numpy(outs["labels"][b][keep].astype(np.int64))}
+            if radius is not None:
+                k = bev_nms_keep(d["boxes"], d["labels"], radius)
+                d = {name: t[k] for name, t in d.items()}
+            dets.append(d)
+        return dets
 
     def __repr__(self) -> str:
         return (f"OnnxDetector({self.onnx_dir!r}, preset={self.preset!r}, batch={self.batch_size}, "

@@ -40,15 +40,17 @@ class QueryIdTracker:
     Args:
         num_query: Q learnable queries; num_propagated: P; memory_len: M; topk: K rows written per
             frame; max_num: decoded detections per sample; post_center_range: the decoder's range
-            (6 floats, metres, inclusive) or None.
+            (6 floats, metres, inclusive) or None; nms_radius: the decoder's per-class BEV NMS
+            radii (``HeadConfig.nms_radius``) or None.
     """
 
     def __init__(self, batch_size: int, *, num_query: int, num_propagated: int, memory_len: int,
-                 topk: int, max_num: int, post_center_range=None):
+                 topk: int, max_num: int, post_center_range=None, nms_radius=None):
         self.B, self.Q, self.P, self.M, self.K = (int(batch_size), int(num_query), int(num_propagated),
                                                   int(memory_len), int(topk))
         self.max_num = int(max_num)
         self.post_center_range = None if post_center_range is None else tuple(float(v) for v in post_center_range)
+        self.nms_radius = None if nms_radius is None else tuple(float(v) for v in nms_radius)
         #: (B, M) int64 id of every memory row, -1 = empty
         self.memory_ids = torch.full((self.B, self.M), -1, dtype=torch.long)
         self.next_id = 0
@@ -60,23 +62,28 @@ class QueryIdTracker:
         """From a :class:`raydn.config.HeadConfig`."""
         return cls(batch_size, num_query=cfg.num_query, num_propagated=cfg.num_propagated,
                    memory_len=cfg.memory_len, topk=cfg.topk_proposals, max_num=cfg.max_num,
-                   post_center_range=cfg.post_center_range)
+                   post_center_range=cfg.post_center_range, nms_radius=cfg.nms_radius)
 
     def decoded_queries(self, cls_last: Tensor, bbox_last: Tensor, with_scores: bool = False):
         """Query index (k_b,) int64 of every detection :func:`raydn.models.decode.decode` returns
         for ``cls_last`` (B, Q+P, classes) logits and ``bbox_last`` (B, Q+P, 10) (same top-k over
         the query-major flattened scores, same centre-range filter; the centre is copied unchanged
         by ``denormalize_bbox``, so the filter is exact). ``with_scores``: also the (k_b,) scores."""
+        from raydn.models.decode import bev_nms_keep
         B, QP, C = cls_last.shape
         scores, idx = cls_last.sigmoid().reshape(B, QP * C).topk(min(self.max_num, QP * C), dim=1)
         query = torch.div(idx, C, rounding_mode="floor")
         keep = torch.ones_like(query, dtype=torch.bool)
+        centre = torch.gather(bbox_last[..., :3], 1, query.unsqueeze(-1).expand(-1, -1, 3))
         if self.post_center_range is not None:
-            centre = torch.gather(bbox_last[..., :3], 1, query.unsqueeze(-1).expand(-1, -1, 3))
             r = torch.tensor(self.post_center_range, dtype=centre.dtype, device=centre.device)
             keep = (centre >= r[:3]).all(-1) & (centre <= r[3:]).all(-1)
-        qs = [query[b][keep[b]].cpu() for b in range(B)]  # per slot: ragged results
-        return (qs, [scores[b][keep[b]].cpu() for b in range(B)]) if with_scores else qs
+        qs, ss = [query[b][keep[b]].cpu() for b in range(B)], [scores[b][keep[b]].cpu() for b in range(B)]
+        if self.nms_radius is not None:  # the decoder's NMS, on the same kept rows (per slot: ragged)
+            for b in range(B):
+                k = bev_nms_keep(centre[b][keep[b]].cpu(), (idx[b][keep[b]] % C).cpu(), self.nms_radius)
+                qs[b], ss[b] = qs[b][k], ss[b][k]
+        return (qs, ss) if with_scores else qs
 
     @staticmethod
     def _resolve(candidate: Tensor, key: Tensor, keys: Tensor) -> Tensor:

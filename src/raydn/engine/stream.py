@@ -113,19 +113,14 @@ class OnnxBackend:
             return None
         return QueryIdTracker(batch_size, num_query=m["num_query"], num_propagated=m["num_propagated"],
                               memory_len=m["memory_len"], topk=m["topk_proposals"], max_num=m["max_num"],
-                              post_center_range=m.get("post_center_range"))
+                              post_center_range=m.get("post_center_range"), nms_radius=m.get("nms_radius"))
 
     def init_state(self, batch_size: int = 1):
         return self.det.init_state(batch_size)
 
     def step(self, batch, state):
         outs, state = self.det.step(batch, state)
-        dets = []
-        for b in range(outs["boxes"].shape[0]):  # per slot: ragged kept rows
-            keep = outs["keep"][b]
-            dets.append({"boxes": torch.from_numpy(outs["boxes"][b][keep]),
-                         "scores": torch.from_numpy(outs["scores"][b][keep]),
-                         "labels": torch.from_numpy(outs["labels"][b][keep].astype(np.int64))})
+        dets = self.det.detections(outs)
         cls = torch.from_numpy(outs["cls_logits"]) if "cls_logits" in outs else None
         box = torch.from_numpy(outs["bbox_preds"]) if "bbox_preds" in outs else None
         return dets, state, cls, box

@@ -283,6 +283,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
             "num_query": cfg.head.num_query, "num_propagated": cfg.head.num_propagated,
             "topk_proposals": cfg.head.topk_proposals,
             "max_num": cfg.head.max_num, "post_center_range": list(cfg.head.post_center_range),
+            "nms_radius": None if cfg.head.nms_radius is None else list(cfg.head.nms_radius),
             "pc_range": list(cfg.head.pc_range),
             "timestamps": "float64 seconds in and out (timestamp, mem_timestamp); never float32",
             "options": {k: (str(v) if isinstance(v, torch.dtype) else v)

@@ -1,4 +1,6 @@
-"""NMS-free decoding of the head outputs (official ``NMSFreeCoder`` + ``get_bboxes``, spec §9.1)."""
+"""Decoding of the head outputs: NMS-free as officially (``NMSFreeCoder`` + ``get_bboxes``, spec
+§9.1), optionally followed by a class-wise bird's-eye-view NMS (``HeadConfig.nms_radius``, not
+official; used by the CPU demo presets, whose minutes-long training leaves duplicates)."""
 from __future__ import annotations
 
 import torch
@@ -29,19 +31,51 @@ def decode_dense(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
     return boxes, scores, labels, keep
 
 
+def bev_nms_keep(centres: Tensor, labels: Tensor, radius) -> Tensor:
+    """Greedy class-wise NMS in the bird's-eye view, for detections sorted by descending score.
+
+    centres (k, >=2) metres (x, y used), labels (k,) int64, radius (classes,) metres: a detection
+    is dropped when a kept, higher-ranked detection of the same class lies closer than its class
+    radius (strict ``<``). Returns keep (k,) bool -- exactly the greedy result, computed without a
+    loop over boxes: ``keep[j] = not any(keep[i] and suppresses[i, j] for i < j)`` determines
+    ``keep`` rank by rank, so iterating it from all-True is exact after at most k rounds (as many
+    as the longest suppression chain, usually 2-3)."""
+    k = int(centres.shape[0])
+    keep = torch.ones(k, dtype=torch.bool, device=centres.device)
+    if k < 2:
+        return keep
+    r = torch.as_tensor(radius, dtype=centres.dtype, device=centres.device)[labels]
+    xy = centres[:, :2]
+    close = torch.cdist(xy, xy) < r[:, None]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=centres.device).triu(diagonal=1)
+    suppresses = close & earlier & (labels[:, None] == labels[None, :])           # (i, j): i drops j
+    for _ in range(k):  # rounds of the fixpoint (not a loop over boxes); exits after a few
+        new = ~(suppresses & keep[:, None]).any(0)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
 def decode_single(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
-                  post_center_range=POST_CENTER_RANGE, score_threshold: float | None = None) -> dict:
+                  post_center_range=POST_CENTER_RANGE, score_threshold: float | None = None,
+                  nms_radius=None) -> dict:
     """One sample: cls_scores (Q, K) logits, bbox_preds (Q, 10) official encoding ->
     dict(boxes (k, 9) gravity-centre LiDAR boxes ``[x, y, z, l, w, h, yaw, vx, vy]``,
     scores (k,), labels (k,) int64), k <= max_num, sorted by descending score.
 
     Top-``max_num`` over sigmoid scores flattened query-major (index = query * K + class), then
-    keep boxes whose centre lies inside ``post_center_range`` (inclusive)."""
+    keep boxes whose centre lies inside ``post_center_range`` (inclusive), then (``nms_radius``
+    given, not official) :func:`bev_nms_keep` over those."""
     boxes, scores, labels, keep = (t[0] for t in decode_dense(
         cls_scores[None], bbox_preds[None], max_num, post_center_range))
     if score_threshold is not None:
         keep = keep & (scores > score_threshold)
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if nms_radius is not None:
+        k = bev_nms_keep(boxes, labels, nms_radius)
+        boxes, scores, labels = boxes[k], scores[k], labels[k]
+    return {"boxes": boxes, "scores": scores, "labels": labels}
 
 
 def _settings(cfg, max_num, post_center_range):
@@ -58,11 +92,14 @@ def decode(outputs: dict, cfg=None, *, max_num: int | None = None,
     ``all_bbox_preds`` (L, B, Q, 10)) into one dict per sample (see :func:`decode_single`);
     boxes have their z at the gravity centre (official ``NMSFreeCoder.decode``).
 
-    ``cfg``: optional :class:`raydn.config.HeadConfig` supplying ``max_num`` and
-    ``post_center_range`` (explicit keyword arguments win; defaults 300 / official range)."""
+    ``cfg``: optional :class:`raydn.config.HeadConfig` supplying ``max_num``,
+    ``post_center_range`` (explicit keyword arguments win; defaults 300 / official range) and
+    ``nms_radius`` (None: NMS-free, as officially)."""
     max_num, post_center_range = _settings(cfg, max_num, post_center_range)
+    nms = getattr(cfg, "nms_radius", None)
     cls, box = outputs["all_cls_scores"][-1], outputs["all_bbox_preds"][-1]
-    return [decode_single(cls[b], box[b], max_num, post_center_range) for b in range(cls.shape[0])]
+    return [decode_single(cls[b], box[b], max_num, post_center_range, nms_radius=nms)
+            for b in range(cls.shape[0])]
 
 
 def to_bottom_center(boxes: Tensor) -> Tensor:

@@ -28,12 +28,23 @@ CSR product). Backward:
   and ``d b`` (sum over groups with ``w``), and ``d locations`` via the bilinear derivatives
   (``d b / d x_pix = ±w_y``, ``d x_pix / d x = W_l``).
 
+**Only points that can touch a feature map enter S.** Every key point is projected into every
+camera, but it lies in (at most) one or two of the N images: at the demo's training shapes ~19 % of
+the (camera, query, point) triples fall inside an image. A point whose normalised location is
+outside ``[-0.5 / W_min, 1 + 0.5 / W_min] x [-0.5 / H_min, 1 + 0.5 / H_min]`` (``W_min`` / ``H_min``
+the smallest level's size) has all-zero bilinear weights on every level, hence contributes
+nothing and receives zero gradient; the sparse back end drops these triples before building S
+(rows of S then have variable length, which CSR / ``embedding_bag`` offsets express directly) and
+scatters the weight / location gradients of the kept ones back into zero tensors. Same sums, so
+the same result up to float rounding, for ~5x less work.
+
 No tensor of shape ``(BN, A, L, P, 4, C)`` is ever formed. The work runs in chunks of query rows
-(whole camera images, or parts of one) whose largest temporary, ``G * rows * P*L*4`` entries, stays
-under ``chunk_bytes`` (16 MiB by default: fits the allocator's reuse threshold, no page faults).
-Only the three inputs are saved for backward; the corner entries are recomputed per chunk.
+whose largest temporary (``G * 4L`` entries per kept point) stays under ``chunk_bytes`` (16 MiB
+by default: fits the allocator's reuse threshold, no page faults). Only the three inputs are saved
+for backward; the corner entries are recomputed per chunk.
 Measured (benchmarks/bench_deformable.py, 2 threads): ~8x the reference's speed for
-forward+backward at the training shapes, ~10x in eval, ~1/4 of its peak memory.
+forward+backward at the training shapes before the point compaction, ~10x in eval, ~1/4 of its
+peak memory.
 
 Back ends
 ---------
@@ -241,7 +252,7 @@ class _ChunkEntries:
 
 
 # ----------------------------------------------------------------------------------------------
-# sparse (CPU) back end, per chunk
+# sparse (CPU) back end: the kept points only, per chunk
 # ----------------------------------------------------------------------------------------------
 
 def _csr(crow: Tensor, col: Tensor, val: Tensor, size: tuple[int, int]) -> Tensor:
@@ -254,57 +265,173 @@ def _index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes) < 2 ** 31 - 1 else torch.int64
 
 
-def _sparse_indices(ce: _ChunkEntries, lay: _Layout) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    """CSR structure of S (G*q, n_cams*sum_HW*G): rows (group, query), columns (value row, group).
-
-    Returns (crow (G*q+1,), col (G*q*K,), size); the values are ``ce.vals`` flattened.
-    """
-    rows, ncols = lay.G * ce.q, ce.n_cams * lay.hw_total * lay.G
-    itype = _index_dtype(ce.vals.numel(), rows, ncols)
-    g = torch.arange(lay.G, device=ce.key.device, dtype=itype).view(lay.G, 1)
-    col = (ce.key.reshape(1, -1).to(itype) * lay.G + g).reshape(-1)
-    crow = torch.arange(0, ce.vals.numel() + 1, lay.k, device=ce.key.device, dtype=itype)
-    return crow, col, (rows, ncols)
-
-
 def _spmm(crow: Tensor, col: Tensor, val: Tensor, dense: Tensor) -> Tensor:
     """CSR (crow, col, val) @ dense (n, Cg) -> (rows, Cg), as a weighted-sum ``embedding_bag``
     (fbgemm on CPU; ~1.5-2x faster here than MKL's sparse product); empty rows give 0."""
     return F.embedding_bag(col, dense, crow, mode="sum", per_sample_weights=val, include_last_offset=True)
 
 
-def _sparse_value_grad(go: Tensor, ce: _ChunkEntries, lay: _Layout) -> Tensor:
-    """``S^T @ go`` with S^T built as CSR, rows (group, value row), by one sort of the corner keys.
+def _group_offsets(row_ptr: Tensor, groups: int, per_group: int, itype: torch.dtype) -> Tensor:
+    """CSR row pointer of ``groups`` stacked copies of the rows described by ``row_ptr`` (n+1,),
+    copy g shifted by ``g * per_group`` entries -> (groups * n + 1,)."""
+    g = torch.arange(groups, device=row_ptr.device, dtype=torch.long).view(-1, 1) * per_group
+    last = torch.full((1,), groups * per_group, dtype=torch.long, device=row_ptr.device)
+    return torch.cat([(row_ptr[:-1].unsqueeze(0) + g).reshape(-1), last]).to(itype)
 
-    Args:
-        go: (G*q, Cg) output gradient of the chunk, rows (group, query).
-    Returns:
-        (n_cams, sum_HW, G, Cg) (a permuted view).
-    """
-    n_pix = ce.n_cams * lay.hw_total
-    E = ce.key.numel()                                 # corner entries of one group
-    dev = ce.key.device
-    itype = _index_dtype(E * lay.G, n_pix * lay.G, ce.q * lay.G)
-    keyf = ce.key.reshape(-1)
-    perm = torch.sort(keyf.to(torch.int32) if n_pix < 2 ** 31 else keyf).indices   # entries by pixel
-    rowptr = torch.zeros(n_pix + 1, dtype=torch.long, device=dev)
-    torch.cumsum(torch.bincount(keyf, minlength=n_pix), 0, out=rowptr[1:])
-    g = torch.arange(lay.G, device=dev, dtype=itype).view(-1, 1)
-    qrow = torch.div(perm, lay.k, rounding_mode="floor")        # query of each sorted entry
-    colT = (qrow.to(itype).unsqueeze(0) + g * ce.q).reshape(-1)
-    # vals[g, perm] = wg[g, (q, l, p)] * b[perm]: gathering from the 4x smaller wg is cache-friendlier
-    lp = lay.L * lay.P
-    m = qrow * lp + torch.remainder(perm, lp)                   # (q, l, p) of each sorted entry
-    valT = torch.mul(ce.wg.reshape(lay.G, -1).index_select(1, m), ce.b.reshape(-1).index_select(0, perm)).reshape(-1)
-    crowT = torch.cat([(rowptr[:-1].unsqueeze(0) + g.long() * E).reshape(-1),
-                       torch.full((1,), lay.G * E, dtype=torch.long, device=dev)]).to(itype)
-    gv = _spmm(crowT, colT, valT, go).view(lay.G, ce.n_cams, lay.hw_total, lay.cg).permute(1, 2, 0, 3)
-    return gv                                          # (n_cams, sum_HW, G, Cg) view
+
+def _kept_points(locations: Tensor, lay: _Layout, dtype: torch.dtype) -> Tensor:
+    """Flat indices (K,) into the BN*A*P points (ascending) of those that can touch a feature map.
+
+    A location (x, y) samples a non-zero bilinear corner of level l only if
+    ``x * W_l - 0.5`` lies in (-1, W_l), i.e. ``x`` in (-0.5 / W_l, 1 + 0.5 / W_l) (same for y): the
+    smallest level bounds all. NaN locations are dropped (they sample 0 everywhere)."""
+    wmin = float(min(w for _, w in lay.shapes))
+    hmin = float(min(h for h, _ in lay.shapes))
+    xy = locations.to(dtype)  # the cast _corner_entries applies: the same numbers decide
+    x, y = xy[..., 0], xy[..., 1]
+    keep = (x >= -0.5 / wmin) & (x <= 1.0 + 0.5 / wmin) & (y >= -0.5 / hmin) & (y <= 1.0 + 0.5 / hmin)
+    return keep.reshape(-1).nonzero().squeeze(1)
+
+
+@dataclass(frozen=True)
+class _KeptChunk:
+    r0: int          # first query row (of BN * A)
+    r1: int          # end query row
+    n0: int          # first camera image touched
+    n1: int          # end camera image
+    k0: int          # first kept point (index into the kept list)
+    k1: int          # end kept point
+
+
+def _kept_chunks(kept: Tensor, lay: _Layout, chunk_bytes: int, itemsize: int) -> list[_KeptChunk]:
+    """Split the query rows into chunks of whole rows holding at most ~``chunk_bytes`` of
+    group-folded entries (``G * 4L`` per kept point; at least one row per chunk)."""
+    n_rows = lay.BN * lay.A
+    per_point = lay.G * 4 * lay.L * itemsize
+    max_pts = max(1, chunk_bytes // per_point)
+    cum = torch.cumsum(torch.bincount(torch.div(kept, lay.P, rounding_mode="floor"), minlength=n_rows), 0)
+    chunks, r0, k0 = [], 0, 0
+    while r0 < n_rows:                    # a few chunks (one at the demo's shapes)
+        r1 = int(torch.searchsorted(cum, k0 + max_pts, right=True))
+        r1 = min(n_rows, max(r1, r0 + 1))
+        k1 = int(cum[r1 - 1])
+        chunks.append(_KeptChunk(r0, r1, r0 // lay.A, (r1 - 1) // lay.A + 1, k0, k1))
+        r0, k0 = r1, k1
+    return chunks
+
+
+class _KeptEntries:
+    """Corner entries of the kept points of one chunk.
+
+    ``pts`` (K,) flat point indices; ``rows`` (K,) their query row inside the chunk; ``loc``
+    (K, 1, 2); ``key`` / ``b`` (K, 4, L) (as :func:`_corner_entries` with one point per row);
+    ``widx`` (K, L) flat indices of their weights in the (BN*A, L, P) layout; ``wg`` (G, K, L) those
+    weights; ``vals`` (G, K, 4, L) the entries of S; ``row_ptr`` (q+1,) entries of one group per
+    query row (a row holds its kept points, each with its 4 corners x L levels)."""
+
+    def __init__(self, ch: _KeptChunk, kept: Tensor, locations: Tensor, wgl: Tensor, lay: _Layout,
+                 dtype: torch.dtype):
+        dev = locations.device
+        self.pts = kept[ch.k0:ch.k1]
+        self.K, self.q, self.n_cams = self.pts.numel(), ch.r1 - ch.r0, ch.n1 - ch.n0
+        rows = torch.div(self.pts, lay.P, rounding_mode="floor")
+        self.rows = rows - ch.r0
+        self.loc = locations.reshape(-1, 2).index_select(0, self.pts).view(self.K, 1, 2)
+        base = (torch.div(rows, lay.A, rounding_mode="floor") - ch.n0) * lay.hw_total
+        key, b, self.aux = _corner_entries(self.loc, base, lay, self.n_cams * lay.hw_total, dtype)
+        self.key, self.b = key.view(self.K, 4, lay.L), b.view(self.K, 4, lay.L)
+        p = self.pts - rows * lay.P
+        lv = torch.arange(lay.L, device=dev)
+        self.widx = ((rows * lay.L).unsqueeze(1) + lv) * lay.P + p.unsqueeze(1)       # (K, L)
+        self.wg = wgl.reshape(lay.G, -1).index_select(1, self.widx.reshape(-1)).view(lay.G, self.K, lay.L).to(dtype)
+        self.vals = self.wg.unsqueeze(2) * self.b.unsqueeze(0)                      # (G, K, 4, L)
+        self.row_ptr = torch.zeros(self.q + 1, dtype=torch.long, device=dev)
+        torch.cumsum(torch.bincount(self.rows, minlength=self.q) * (4 * lay.L), 0, out=self.row_ptr[1:])
+
+    @property
+    def entries(self) -> int:
+        """Entries of one group (E = K * 4 * L)."""
+        return self.key.numel()
+
+    def csr(self, lay: _Layout) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """CSR structure of S (G*q, n_cams*sum_HW*G): rows (group, query), columns (value row,
+        group); the values are ``vals`` flattened."""
+        rows, ncols, E = lay.G * self.q, self.n_cams * lay.hw_total * lay.G, self.entries
+        itype = _index_dtype(lay.G * E, rows, ncols)
+        g = torch.arange(lay.G, device=self.key.device, dtype=itype).view(lay.G, 1)
+        col = (self.key.reshape(1, -1).to(itype) * lay.G + g).reshape(-1)
+        return _group_offsets(self.row_ptr, lay.G, E, itype), col, (rows, ncols)
+
+    def value_grad(self, go: Tensor, lay: _Layout) -> Tensor:
+        """``S^T @ go`` with S^T built as CSR, rows (group, value row), by one sort of the corner
+        keys. go (G*q, Cg) rows (group, query) -> (n_cams, sum_HW, G, Cg) (a permuted view)."""
+        n_pix, E, dev = self.n_cams * lay.hw_total, self.entries, self.key.device
+        itype = _index_dtype(E * lay.G, n_pix * lay.G, self.q * lay.G)
+        keyf = self.key.reshape(-1)
+        perm = torch.sort(keyf.to(torch.int32) if n_pix < 2 ** 31 else keyf).indices   # entries by pixel
+        rowptr = torch.zeros(n_pix + 1, dtype=torch.long, device=dev)
+        torch.cumsum(torch.bincount(keyf, minlength=n_pix), 0, out=rowptr[1:])
+        point = torch.div(perm, 4 * lay.L, rounding_mode="floor")                  # kept point of each entry
+        g = torch.arange(lay.G, device=dev, dtype=itype).view(-1, 1)
+        colT = (self.rows.index_select(0, point).to(itype).unsqueeze(0) + g * self.q).reshape(-1)
+        m = point * lay.L + torch.remainder(perm, lay.L)                           # (point, level)
+        valT = torch.mul(self.wg.reshape(lay.G, -1).index_select(1, m),
+                         self.b.reshape(-1).index_select(0, perm)).reshape(-1)
+        gv = _spmm(_group_offsets(rowptr, lay.G, E, itype), colT, valT, go)
+        return gv.view(lay.G, self.n_cams, lay.hw_total, lay.cg).permute(1, 2, 0, 3)
+
+
+def _sparse_forward(value: Tensor, locations: Tensor, wgl: Tensor, lay: _Layout, chunk_bytes: int):
+    """Forward of the sparse back end -> (out (BN*A, G, Cg), kept, chunks)."""
+    dtype = value.dtype
+    out = value.new_zeros(lay.BN * lay.A, lay.G, lay.cg)
+    kept = _kept_points(locations, lay, dtype)
+    chunks = _kept_chunks(kept, lay, chunk_bytes, value.element_size())
+    for ch in chunks:                               # loop over memory chunks
+        if ch.k1 == ch.k0:
+            continue                                # no point of these rows touches an image
+        ce = _KeptEntries(ch, kept, locations, wgl, lay, dtype)
+        V = value[ch.n0:ch.n1].reshape(-1, lay.cg)
+        crow, col, _ = ce.csr(lay)
+        o = _spmm(crow, col, ce.vals.view(-1), V)                                  # (G*q, Cg)
+        out[ch.r0:ch.r1] = o.view(lay.G, ce.q, lay.cg).transpose(0, 1)
+    return out, kept, chunks
+
+
+def _sparse_backward(grad_out: Tensor, value: Tensor, locations: Tensor, weights: Tensor, lay: _Layout,
+                     kept: Tensor, chunks: list[_KeptChunk], need_v: bool, need_l: bool, need_w: bool):
+    """Backward of the sparse back end: zero gradients everywhere but at the kept points."""
+    dtype = value.dtype
+    nq = lay.BN * lay.A
+    go_all = grad_out.to(dtype).reshape(nq, lay.G, lay.cg)
+    gv = torch.zeros_like(value) if need_v else None
+    gl = locations.new_zeros(nq * lay.P, 2, dtype=dtype) if need_l else None
+    gw = weights.new_zeros(lay.G, nq * lay.L * lay.P, dtype=dtype) if need_w else None
+    wgl = _group_major(weights, lay)
+    for ch in chunks:                               # loop over memory chunks
+        if ch.k1 == ch.k0:
+            continue
+        ce = _KeptEntries(ch, kept, locations, wgl, lay, dtype)
+        go = go_all[ch.r0:ch.r1].transpose(0, 1).reshape(lay.G * ce.q, lay.cg)       # rows (group, query)
+        if need_v:           # before the in-place entry gradient, which overwrites ce.vals
+            gv_c = ce.value_grad(go, lay)
+            gv[ch.n0:ch.n1].view(gv_c.shape).add_(gv_c)
+        if need_l or need_w:
+            V = value[ch.n0:ch.n1].reshape(-1, lay.cg)
+            crow, col, size = ce.csr(lay)
+            ge = _sparse_entry_grad_(go, V, _csr(crow, col, ce.vals.view(-1), size))
+            ge = ge.view(lay.G, ce.K, 4, lay.L)
+            if need_w:
+                gw.index_copy_(1, ce.widx.reshape(-1), (ge * ce.b.unsqueeze(0)).sum(2).reshape(lay.G, -1))
+            if need_l:
+                gb = (ge * ce.wg.unsqueeze(2)).sum(0)                                  # (K, 4, L)
+                gl.index_copy_(0, ce.pts, _location_grad(gb.unsqueeze(-1), ce.loc, ce.aux).view(ce.K, 2))
+    return gv, gl, gw
 
 
 def _sparse_entry_grad_(go: Tensor, V: Tensor, S: Tensor) -> Tensor:
     """Per-entry gradient ``go[row] . V[col]`` (sampled dense-dense product) written IN PLACE into
-    the values of ``S``; returns them flat (G*q*P*L*4,)."""
+    the values of ``S``; returns them flat."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse.sampled_addmm(S, go, V.t(), beta=0.0, alpha=1.0, out=S).values()
@@ -326,9 +453,9 @@ def _resolve_backend(backend: str, value: Tensor) -> str:
     return backend
 
 
-def _bytes_per_row(lay: _Layout, backend: str, itemsize: int) -> int:
-    """Size of the largest per-query temporary: group-folded entries (sparse) or gathered corners."""
-    return lay.k * (lay.G if backend == "sparse" else lay.C) * itemsize
+def _bytes_per_row(lay: _Layout, itemsize: int) -> int:
+    """Gather back end: size of the gathered corners of one query row."""
+    return lay.k * lay.C * itemsize
 
 
 class DeformableSampleFunction(torch.autograd.Function):
@@ -344,24 +471,22 @@ class DeformableSampleFunction(torch.autograd.Function):
                 chunk_bytes: int) -> Tensor:
         dtype = value.dtype
         value = value.contiguous()
+        wgl = _group_major(weights, lay)
+        ctx.lay, ctx.backend = lay, backend
+        ctx.save_for_backward(value, locations, weights)
+        if backend == "sparse":
+            out, ctx.kept, ctx.chunks = _sparse_forward(value, locations, wgl, lay, chunk_bytes)
+            return out.view(lay.BN, lay.A, lay.C)
         nq = lay.BN * lay.A
         out = value.new_empty(nq, lay.G, lay.cg)
-        chunks = _row_chunks(lay, _bytes_per_row(lay, backend, value.element_size()), chunk_bytes)
-        wgl = _group_major(weights, lay)
+        chunks = _row_chunks(lay, _bytes_per_row(lay, value.element_size()), chunk_bytes)
         for ch in chunks:                               # loop over memory chunks
             ce = _ChunkEntries(ch, locations, wgl, lay, dtype)
-            if backend == "sparse":
-                V = value[ch.n0:ch.n1].reshape(-1, lay.cg)
-                crow, col, _ = _sparse_indices(ce, lay)
-                o = _spmm(crow, col, ce.vals.view(-1), V)                            # (G*q, Cg)
-                out[ch.r0:ch.r1] = o.view(lay.G, ce.q, lay.cg).transpose(0, 1)
-            else:
-                vrows = value[ch.n0:ch.n1].reshape(-1, lay.G, lay.cg)
-                gath = vrows.index_select(0, ce.key.reshape(-1)).view(ce.q, lay.k, lay.G, lay.cg)
-                w = ce.vals.view(lay.G, ce.q, lay.k).permute(1, 2, 0).unsqueeze(-1)  # (q, K, G, 1)
-                out[ch.r0:ch.r1] = (gath * w).sum(1)
-        ctx.lay, ctx.backend, ctx.chunks = lay, backend, chunks
-        ctx.save_for_backward(value, locations, weights)
+            vrows = value[ch.n0:ch.n1].reshape(-1, lay.G, lay.cg)
+            gath = vrows.index_select(0, ce.key.reshape(-1)).view(ce.q, lay.k, lay.G, lay.cg)
+            w = ce.vals.view(lay.G, ce.q, lay.k).permute(1, 2, 0).unsqueeze(-1)  # (q, K, G, 1)
+            out[ch.r0:ch.r1] = (gath * w).sum(1)
+        ctx.chunks = chunks
         return out.view(lay.BN, lay.A, lay.C)
 
     @staticmethod
@@ -369,53 +494,53 @@ class DeformableSampleFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         value, locations, weights = ctx.saved_tensors
         lay: _Layout = ctx.lay
-        dtype = value.dtype
         need_v, need_l, need_w = ctx.needs_input_grad[:3]
-        need_entry = need_l or need_w
-        nq = lay.BN * lay.A
-        go_all = grad_out.to(dtype).reshape(nq, lay.G, lay.cg)
-        gv = torch.empty_like(value) if need_v else None
-        gl = locations.new_empty(nq, lay.P, 2, dtype=dtype) if need_l else None
-        gw = weights.new_empty(lay.G, nq, lay.L, lay.P, dtype=dtype) if need_w else None
-        wgl = _group_major(weights, lay)
-        for ch in ctx.chunks:                           # loop over memory chunks
-            ce = _ChunkEntries(ch, locations, wgl, lay, dtype)
-            go_q = go_all[ch.r0:ch.r1]                                              # (q, G, Cg)
-            ge = gv_c = None
-            if ctx.backend == "sparse":
-                go = go_q.transpose(0, 1).reshape(lay.G * ce.q, lay.cg)              # rows (group, query)
-                if need_v:       # before the in-place entry gradient, which overwrites ce.vals
-                    gv_c = _sparse_value_grad(go, ce, lay)
-                if need_entry:
-                    V = value[ch.n0:ch.n1].reshape(-1, lay.cg)
-                    crow, col, size = _sparse_indices(ce, lay)
-                    ge = _sparse_entry_grad_(go, V, _csr(crow, col, ce.vals.view(-1), size))
-                    ge = ge.view(lay.G, ce.q, 4, lay.L, lay.P)
-            else:
-                vrows = value[ch.n0:ch.n1].reshape(-1, lay.G, lay.cg)
-                idx = ce.key.reshape(-1)
-                if need_entry:
-                    gath = vrows.index_select(0, idx).view(ce.q, lay.k, lay.G, lay.cg)
-                    ge = (gath * go_q.unsqueeze(1)).sum(-1).permute(2, 0, 1).reshape(lay.G, ce.q, 4, lay.L, lay.P)
-                if need_v:
-                    src = ce.vals.view(lay.G, ce.q, lay.k).permute(1, 2, 0).unsqueeze(-1) * go_q.unsqueeze(1)
-                    gv_c = torch.zeros_like(vrows).index_add_(0, idx, src.reshape(-1, lay.G, lay.cg))
-            if need_v:           # gv_c: (n_cams * sum_HW or n_cams, sum_HW, G, Cg) compatible view
-                dst = gv[ch.n0:ch.n1].view(gv_c.shape)
-                if ch.first:
-                    dst.copy_(gv_c)
-                else:
-                    dst += gv_c
-            if need_w:
-                torch.sum(ge * ce.b, dim=2, out=gw[:, ch.r0:ch.r1])                       # (G, q, L, P)
-            if need_l:
-                gb = (ge * ce.wg.unsqueeze(2)).sum(0)                                     # (q, 4, L, P)
-                gl[ch.r0:ch.r1] = _location_grad(gb, ce.loc, ce.aux)
+        if ctx.backend == "sparse":
+            gv, gl, gw = _sparse_backward(grad_out, value, locations, weights, lay, ctx.kept, ctx.chunks,
+                                          need_v, need_l, need_w)
+        else:
+            gv, gl, gw = _gather_backward(grad_out, value, locations, weights, lay, ctx.chunks,
+                                          need_v, need_l, need_w)
         return (gv,
                 gl.view(locations.shape).to(locations.dtype) if need_l else None,
                 gw.view(lay.G, lay.BN, lay.A, lay.L, lay.P).permute(1, 2, 0, 3, 4).to(weights.dtype)
                 if need_w else None,
                 None, None, None)
+
+
+def _gather_backward(grad_out: Tensor, value: Tensor, locations: Tensor, weights: Tensor, lay: _Layout,
+                     chunks: list[_Chunk], need_v: bool, need_l: bool, need_w: bool):
+    """Backward of the gather back end (dense ``index_select`` / ``index_add_`` per chunk)."""
+    dtype = value.dtype
+    nq = lay.BN * lay.A
+    go_all = grad_out.to(dtype).reshape(nq, lay.G, lay.cg)
+    gv = torch.empty_like(value) if need_v else None
+    gl = locations.new_empty(nq, lay.P, 2, dtype=dtype) if need_l else None
+    gw = weights.new_empty(lay.G, nq, lay.L, lay.P, dtype=dtype) if need_w else None
+    wgl = _group_major(weights, lay)
+    for ch in chunks:                               # loop over memory chunks
+        ce = _ChunkEntries(ch, locations, wgl, lay, dtype)
+        go_q = go_all[ch.r0:ch.r1]                                                  # (q, G, Cg)
+        vrows = value[ch.n0:ch.n1].reshape(-1, lay.G, lay.cg)
+        idx = ce.key.reshape(-1)
+        ge = None
+        if need_l or need_w:
+            gath = vrows.index_select(0, idx).view(ce.q, lay.k, lay.G, lay.cg)
+            ge = (gath * go_q.unsqueeze(1)).sum(-1).permute(2, 0, 1).reshape(lay.G, ce.q, 4, lay.L, lay.P)
+        if need_v:
+            src = ce.vals.view(lay.G, ce.q, lay.k).permute(1, 2, 0).unsqueeze(-1) * go_q.unsqueeze(1)
+            gv_c = torch.zeros_like(vrows).index_add_(0, idx, src.reshape(-1, lay.G, lay.cg))
+            dst = gv[ch.n0:ch.n1].view(gv_c.shape)
+            if ch.first:
+                dst.copy_(gv_c)
+            else:
+                dst += gv_c
+        if need_w:
+            torch.sum(ge * ce.b, dim=2, out=gw[:, ch.r0:ch.r1])                           # (G, q, L, P)
+        if need_l:
+            gb = (ge * ce.wg.unsqueeze(2)).sum(0)                                         # (q, 4, L, P)
+            gl[ch.r0:ch.r1] = _location_grad(gb, ce.loc, ce.aux)
+    return gv, gl, gw
 
 
 def _default_chunk_bytes(backend: str, device: torch.device) -> int:
