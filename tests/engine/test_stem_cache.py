@@ -2,6 +2,8 @@
 the stem, only for presets whose training input is deterministic."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,16 +12,24 @@ from raydn.models.stem_cache import StemCache, stem_cache_blocker
 from raydn.presets import build_model, get_preset
 
 
-def test_split_backbone_equals_full_forward():
+@pytest.mark.parametrize("frozen,maps", [(7, 1), (10, 2), (14, 2), (18, 3)])
+def test_split_backbone_equals_full_forward(frozen, maps):
+    """Any frozen prefix (up to the whole encoder) splits off: the taps inside it are cached with
+    its last map, and the rest of the encoder + FPN gives the full forward's features."""
     torch.manual_seed(0)
-    m = build_model("demo_raydn").train()
+    bb = replace(get_preset("demo_raydn").model.backbone, frozen_stages=frozen)
+    m = build_model("demo_raydn", backbone=bb).train()
     x = torch.randn(2, 3, 128, 352).contiguous(memory_format=torch.channels_last)
     full = m.img_backbone(x)
-    split = m.img_backbone.forward_from_stem(m.img_backbone.forward_stem(x))
+    stem = m.img_backbone.forward_stem(x)
+    assert len(stem) == maps and not any(t.requires_grad for t in stem)
+    split = m.img_backbone.forward_from_stem(stem)
     assert len(full) == len(split) == 4
     for a, b in zip(full, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert not m.img_backbone.forward_stem(x).requires_grad
+    trainable = [n for n, p in m.img_backbone.named_parameters() if p.requires_grad and n.startswith("features.")]
+    assert all(int(n.split(".")[1]) >= frozen for n in trainable)
+    assert bool(trainable) == (frozen < 18)
 
 
 def test_blocker_names_the_reason():

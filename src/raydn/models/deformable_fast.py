@@ -201,11 +201,16 @@ def _location_grad(grad_b: Tensor, loc: Tensor, aux) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Chunk:
+class _Rows:
+    """A chunk of query rows and the camera images they address."""
     r0: int          # first query row (of BN * A)
     r1: int          # end query row
     n0: int          # first camera image touched
     n1: int          # end camera image
+
+
+@dataclass(frozen=True)
+class _Chunk(_Rows):
     first: bool      # first chunk touching cameras n0..n1 (write grad_value instead of adding)
 
 
@@ -294,11 +299,7 @@ def _kept_points(locations: Tensor, lay: _Layout, dtype: torch.dtype) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _KeptChunk:
-    r0: int          # first query row (of BN * A)
-    r1: int          # end query row
-    n0: int          # first camera image touched
-    n1: int          # end camera image
+class _KeptChunk(_Rows):
     k0: int          # first kept point (index into the kept list)
     k1: int          # end kept point
 

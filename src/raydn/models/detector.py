@@ -95,14 +95,15 @@ class RayDNDetector(nn.Module):
     def extract_feats(self, images: Tensor | None, stem: Tensor | None = None,
                       batch_size: int | None = None) -> list[Tensor]:
         """images (B, N, 3, H, W) normalised -> feature levels, each (B, N, C, H_l, W_l) fp32.
-        Or ``stem`` (B*N, C_s, h, w): cached frozen-stem outputs (:mod:`raydn.models.stem_cache`)
-        instead of the images, with ``batch_size`` B."""
+        Or ``stem``: cached frozen-stem maps (:mod:`raydn.models.stem_cache`; a tuple of
+        (B*N, C_i, h_i, w_i), or one such tensor) instead of the images, with ``batch_size`` B."""
         if stem is None:
             B = images.shape[0]
             x = self.prepare_images(images)
         else:
             B = int(batch_size)
-            x = stem.contiguous(memory_format=torch.channels_last) if self.channels_last else stem
+            maps = (stem,) if isinstance(stem, Tensor) else tuple(stem)
+            x = tuple(m.contiguous(memory_format=torch.channels_last) for m in maps) if self.channels_last else maps
         ctx = (torch.autocast(device_type=x.device.type, dtype=self.encoder_autocast)
                if (self.training and self.encoder_autocast is not None) else contextlib.nullcontext())
         with ctx:

@@ -38,10 +38,11 @@ def stem_cache_blocker(model, aug) -> str | None:
 
 
 class StemCache:
-    """Sample token -> stem output (N, C_s, h, w) float32 (the encoder's memory layout)."""
+    """Sample token -> the stem's maps of that frame: a tuple of (N, C_i, h_i, w_i) float32 (the
+    FPN taps inside the stem, then its last map; the encoder's memory layout)."""
 
     def __init__(self):
-        self._store: dict[str, Tensor] = {}
+        self._store: dict[str, tuple[Tensor, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._store)
@@ -50,7 +51,7 @@ class StemCache:
         return token in self._store
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
+        return sum(t.numel() * t.element_size() for maps in self._store.values() for t in maps)
 
     @torch.no_grad()
     def fill(self, model, dataset, *, frames_per_batch: int = 2, progress: bool = False) -> "StemCache":
@@ -67,20 +68,22 @@ class StemCache:
             batch = collate_frames(items)
             x = model.prepare_images(batch.images.to(device))
             y = model.img_backbone.forward_stem(x)
+            maps = (y,) if isinstance(y, Tensor) else tuple(y)
             n = batch.images.shape[1]
             for k, meta in enumerate(batch.meta):
-                self._store[meta["sample_token"]] = y[k * n:(k + 1) * n].clone()
+                self._store[meta["sample_token"]] = tuple(m[k * n:(k + 1) * n].clone() for m in maps)
             if bar is not None:
                 bar.update(len(items))
         if bar is not None:
             bar.close()
         return self
 
-    def lookup(self, tokens, device=None) -> Tensor:
-        """Stem outputs of the frames ``tokens`` -> (B*N, C_s, h, w) in batch order."""
+    def lookup(self, tokens, device=None) -> tuple[Tensor, ...]:
+        """Stem maps of the frames ``tokens`` -> a tuple of (B*N, C_i, h_i, w_i), batch order."""
         missing = [t for t in tokens if t not in self._store]
         if missing:
             raise KeyError(f"StemCache: no stem features for sample {missing[0]!r} "
                            f"({len(missing)} of {len(tokens)} missing); fill the cache first")
-        out = torch.cat([self._store[t] for t in tokens], 0)  # the detector sets the memory layout
-        return out.to(device) if device is not None else out
+        entries = [self._store[t] for t in tokens]
+        out = tuple(torch.cat(maps, 0) for maps in zip(*entries))  # the detector sets the memory layout
+        return tuple(o.to(device) for o in out) if device is not None else out

@@ -145,27 +145,37 @@ class MobileNetV2Backbone(nn.Module):
 
     @property
     def supports_stem_cache(self) -> bool:
-        """The stem can be cached when it is frozen and no FPN tap lies strictly inside it."""
-        k = self.stem_blocks
-        return k > 0 and not any(t < k - 1 for t in _TAPS)
+        """The stem can be cached when some leading blocks are frozen (any number, up to the whole
+        encoder: the FPN taps inside it are cached with it)."""
+        return self.stem_blocks > 0
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stem(self, x: torch.Tensor) -> tuple:
         """The frozen blocks ``features.0 .. features.{stem_blocks-1}``, no autograd graph:
-        images (B, 3, H, W) -> (B, C_s, H/s, W/s). Constant during training (frozen weights and
-        BN statistics), so it may be computed once per image and stored."""
+        images (B, 3, H, W) -> a tuple of maps: the FPN taps computed inside the stem (strides 8,
+        16, 32 in order, those whose block index is < stem_blocks - 1), then the last stem block's
+        output. Constant during training (frozen weights and BN statistics), so it may be
+        computed once per image and stored."""
         if not self.supports_stem_cache:
             raise ValueError(f"MobileNetV2Backbone: frozen_stages={self.frozen_stages} has no "
-                             f"cacheable stem (need 1..{_TAPS[0] + 1} or a tap as its last block)")
-        with torch.no_grad():
-            for block in self.features[: self.stem_blocks]:
-                x = block(x)
-        return x
-
-    def forward_from_stem(self, x: torch.Tensor) -> list:
-        """The rest of the encoder + mini-FPN from a :meth:`forward_stem` output -> the 4 maps of
-        :meth:`forward` (same values)."""
+                             f"frozen stem to cache")
         k = self.stem_blocks
-        taps = [x] if k - 1 in _TAPS else []
+        taps = []
+        with torch.no_grad():
+            for i, block in enumerate(self.features[:k]):
+                x = block(x)
+                if i in _TAPS and i < k - 1:
+                    taps.append(x)
+        return (*taps, x)
+
+    def forward_from_stem(self, stem) -> list:
+        """The rest of the encoder + mini-FPN from a :meth:`forward_stem` output (a tuple of maps,
+        or the single map of a stem without taps inside) -> the 4 maps of :meth:`forward` (same
+        values)."""
+        parts = (stem,) if isinstance(stem, torch.Tensor) else tuple(stem)
+        k = self.stem_blocks
+        taps, x = list(parts[:-1]), parts[-1]
+        if k - 1 in _TAPS:
+            taps.append(x)
         for i in range(k, _TAPS[-1] + 1):
             x = self.features[i](x)
             if i in _TAPS:
