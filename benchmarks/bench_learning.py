@@ -47,16 +47,24 @@ def variant_options(name: str) -> tuple[str, dict, dict]:
 
 
 def evaluate_checkpoint(model, val_ds, world: Path, out_dir: Path) -> dict:
-    """Streaming inference over the val split + devkit metric + duplicates along rays."""
+    """Streaming inference over the val split + devkit metric + duplicates along rays, all on the
+    model's NMS-free output (what ray denoising trains); plus the devkit metric after the preset's
+    BEV NMS (``mAP_nms`` / ``NDS_nms``, when the preset decodes with one)."""
     from raydn.engine.infer import evaluate_submission, stream_inference, write_submission
     from raydn.eval.ray_duplicates import ray_duplicates
-    dets, _ = stream_inference(model.eval(), val_ds, num_workers=0, progress=False)
-    sub = write_submission(dets, val_ds.infos, out_dir / "results_nusc.json")
-    rep = evaluate_submission(sub, dataroot=world, version="v1.0-mini", eval_set="mini_val",
-                              out_dir=out_dir, evaluator="devkit", plots=False, quiet=True)
-    m = rep.metrics
+    from raydn.models.decode import apply_bev_nms
+    dets, _ = stream_inference(model.eval(), val_ds, num_workers=0, progress=False, nms=False)
+
+    def score(d, folder):
+        sub = write_submission(d, val_ds.infos, folder / "results_nusc.json")
+        return evaluate_submission(sub, dataroot=world, version="v1.0-mini", eval_set="mini_val",
+                                   out_dir=folder, evaluator="devkit", plots=False, quiet=True).metrics
+    m = score(dets, out_dir)
+    radius = model.cfg.head.nms_radius
+    mn = score([apply_bev_nms(d, radius) for d in dets], out_dir / "nms") if radius is not None else m
     rd = ray_duplicates(dets, val_ds.infos)
     return {"mAP": m["mean_ap"], "NDS": m["nd_score"], "tp_errors": m["tp_errors"],
+            "mAP_nms": mn["mean_ap"], "NDS_nms": mn["nd_score"],
             "ray_duplicates_per_gt": rd["ray_duplicates_per_gt"],
             "ray_duplicate_fp_share": rd["ray_duplicate_fp_share"],
             "false_positives": rd["false_positives"], "ray_duplicates": rd["ray_duplicates"]}
@@ -94,6 +102,7 @@ def run_one(world: Path, infos: Path, out: Path, variant: str, seed: int, iters:
         r["iter"] = int(state["iteration"])
         curve.append(r)
         print(f"{variant} seed {seed} iter {r['iter']}: mAP {r['mAP']:.4f} NDS {r['NDS']:.4f} "
+              f"(with NMS {r['mAP_nms']:.4f} / {r['NDS_nms']:.4f}) "
               f"ray dup/GT {r['ray_duplicates_per_gt']:.3f}", flush=True)
     done = int(result["iteration"])
     res = {"variant": label, "seed": seed, "preset": preset, "iters": done, "budget_minutes": minutes,
@@ -112,8 +121,9 @@ def report(out: Path) -> str:
     by = {}
     for r in results:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | seeds | iterations | mAP | NDS | mATE | duplicates along rays / GT | ray-duplicate share of FPs | s/it |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | iterations | mAP | NDS | mATE | duplicates along rays / GT | ray-duplicate share of FPs "
+             "| mAP with NMS | NDS with NMS | s/it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(v):
         v = np.asarray(v, float)
@@ -124,6 +134,7 @@ def report(out: Path) -> str:
                      f"{ms([x['mAP'] for x in f])} | {ms([x['NDS'] for x in f])} | "
                      f"{ms([x['tp_errors']['trans_err'] for x in f])} | "
                      f"{ms([x['ray_duplicates_per_gt'] for x in f])} | {ms([x['ray_duplicate_fp_share'] for x in f])} | "
+                     f"{ms([x.get('mAP_nms', float('nan')) for x in f])} | {ms([x.get('NDS_nms', float('nan')) for x in f])} | "
                      f"{ms([r['seconds_per_iter'] for r in rs])} |")
     table = "\n".join(lines)
     import matplotlib

@@ -41,7 +41,16 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     assert len(files["frames"]) >= 1 and all(p.endswith(".png") for p in files["frames"])
     sub = json.loads((out / "eval" / "results_nusc.json").read_text())
     assert sub["meta"]["use_camera"] is True and len(sub["results"]) > 0
-    assert "raydn demo report" in capsys.readouterr().out
+    # the demo preset decodes with its BEV NMS; the NMS-free output is scored too, and has at
+    # least as many detections per sample
+    assert report["decoding"]["bev_nms_radius_m"]["car"] == 4.0
+    raw_metrics = report["without_nms"]
+    assert 0.0 <= raw_metrics["mAP"] <= 1.0 and 0.0 <= raw_metrics["NDS"] <= 1.0
+    raw = json.loads((out / "eval" / "no_nms" / "results_nusc.json").read_text())["results"]
+    assert raw.keys() == sub["results"].keys()
+    assert all(len(sub["results"][t]) <= len(raw[t]) for t in raw)
+    text = capsys.readouterr().out
+    assert "raydn demo report" in text and "without NMS" in text
 
 
 def test_eval_cli_writes_a_submission_the_devkit_accepts(synth_world, synth_infos, tmp_path):

@@ -78,9 +78,12 @@ def test_decode_with_nms_is_the_nms_free_decode_filtered():
     d = torch.cdist(nms["boxes"][:, :2], nms["boxes"][:, :2])
     same = nms["labels"][:, None] == nms["labels"][None, :]
     assert not (same & (d < 6.0)).fill_diagonal_(False).any()
-    # predict() decodes the same way
+    # predict() decodes the same way; nms=False gives the NMS-free rows
     dets, _ = model.predict(batch, model.init_state(1))
     assert torch.equal(dets[0]["scores"], nms["scores"])
+    raw, _ = model.predict(batch, model.init_state(1), nms=False)
+    assert torch.equal(raw[0]["scores"], free["scores"]) and torch.equal(raw[0]["boxes"], free["boxes"])
+    assert model.cfg.head.nms_radius == tuple(radius)            # the model's setting is untouched
 
 
 def test_query_id_tracker_follows_the_nms_decoder():

@@ -20,6 +20,9 @@ def add_arguments(p):
                    help="output folder (default: next to the checkpoint; with --submission: its folder)")
     p.add_argument("--evaluator", choices=["devkit", "fast", "both"], default="devkit",
                    help="official devkit metric, our fast evaluator, or both (cross-checked)")
+    p.add_argument("--no-nms", action="store_true",
+                   help="decode without the preset's class-wise BEV NMS (the demo presets decode with one; "
+                        "the official presets are NMS-free either way)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--no-plots", action="store_true")
@@ -57,8 +60,11 @@ def run(args) -> int:
         from dataclasses import replace
         aug = replace(aug, training=False)
         dataset = NuScenesStreamingDataset(info, aug, test_mode=True, validate=False)
+        nms = model.cfg.head.nms_radius is not None and not args.no_nms
+        if dist.is_main:
+            print("decoding: " + ("class-wise BEV NMS (preset setting; --no-nms to skip)" if nms else "NMS-free"))
         dets, _ = stream_inference(model, dataset, rank=dist.rank, world_size=dist.world_size,
-                                   num_workers=args.workers, progress=not args.no_progress)
+                                   num_workers=args.workers, progress=not args.no_progress, nms=nms)
         if not dist.is_main:
             return 0
         out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"

@@ -139,7 +139,7 @@ class OnnxDetector:
         """The decoded detections of :meth:`step`'s outputs: the graph's fixed ``max_num`` rows
         cut to ``keep`` (centre range), then the class-wise BEV NMS when the exported model
         decodes with one (``metadata['nms_radius']``, as :func:`raydn.models.decode.decode_single`)."""
-        from raydn.models.decode import bev_nms_keep
+        from raydn.models.decode import apply_bev_nms
         radius = self.metadata.get("nms_radius")
         dets = []
         for b in range(outs["boxes"].shape[0]):  # per slot: ragged kept rows
@@ -147,10 +147,7 @@ class OnnxDetector:
             d = {"boxes": torch.from_numpy(outs["boxes"][b][keep]),
                  "scores": torch.from_numpy(outs["scores"][b][keep]),
                  "labels": torch.from_numpy(outs["labels"][b][keep].astype(np.int64))}
-            if radius is not None:
-                k = bev_nms_keep(d["boxes"], d["labels"], radius)
-                d = {name: t[k] for name, t in d.items()}
-            dets.append(d)
+            dets.append(d if radius is None else apply_bev_nms(d, radius))
         return dets
 
     def __repr__(self) -> str:

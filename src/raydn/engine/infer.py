@@ -25,8 +25,9 @@ from raydn.errors import DataError
 @torch.no_grad()
 def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: int = 1,
                      num_workers: int = 2, progress: bool = True, limit: int | None = None,
-                     keep_batches: set | None = None) -> tuple[list[dict | None], dict]:
-    """Run ``model.predict`` over ``dataset`` in scene order.
+                     keep_batches: set | None = None, nms: bool = True) -> tuple[list[dict | None], dict]:
+    """Run ``model.predict`` over ``dataset`` in scene order (``nms=False``: without the preset's
+    BEV NMS, see :meth:`raydn.models.detector.RayDNDetector.predict`).
 
     Returns ``(detections, batches)``: ``detections[i]`` for dataset index ``i`` (dict with CPU
     tensors ``boxes`` (k, 9) LiDAR frame gravity centre, ``scores``, ``labels``) — gathered from
@@ -49,7 +50,7 @@ def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: 
         if limit is not None and n >= limit:
             break
         idx = int(batch.meta[0]["index"])
-        dets, state = model.predict(batch.to(device), state)
+        dets, state = model.predict(batch.to(device), state, nms=nms)
         mine.append((idx, {k: v.detach().cpu() for k, v in dets[0].items()}))
         if keep_batches and idx in keep_batches:
             batches[idx] = batch

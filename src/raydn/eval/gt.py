@@ -94,11 +94,14 @@ def gt_from_nusc(nusc, eval_set: str) -> tuple[EvalArrays, BikeRacks, dict[str, 
     from nuscenes.eval.detection.data_classes import DetectionBox
     from nuscenes.utils.splits import is_predefined_split
 
-    if is_predefined_split(split_name=eval_set):
-        boxes = load_gt(nusc, eval_set, DetectionBox, verbose=False)
-    else:
-        tokens = get_samples_of_custom_split(split_name=eval_set, nusc=nusc)
-        boxes = load_gt_of_sample_tokens(nusc, tokens, DetectionBox, verbose=False)
+    import contextlib
+    import io
+    with contextlib.redirect_stderr(io.StringIO()):  # the devkit's tqdm bar ignores verbose=False
+        if is_predefined_split(split_name=eval_set):
+            boxes = load_gt(nusc, eval_set, DetectionBox, verbose=False)
+        else:
+            tokens = get_samples_of_custom_split(split_name=eval_set, nusc=nusc)
+            boxes = load_gt_of_sample_tokens(nusc, tokens, DetectionBox, verbose=False)
     tokens = list(boxes.sample_tokens)
     ego = ego_translations_from_nusc(nusc, tokens)
     for tok in tokens:

@@ -71,11 +71,15 @@ def decode_single(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
         cls_scores[None], bbox_preds[None], max_num, post_center_range))
     if score_threshold is not None:
         keep = keep & (scores > score_threshold)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    if nms_radius is not None:
-        k = bev_nms_keep(boxes, labels, nms_radius)
-        boxes, scores, labels = boxes[k], scores[k], labels[k]
-    return {"boxes": boxes, "scores": scores, "labels": labels}
+    det = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    return det if nms_radius is None else apply_bev_nms(det, nms_radius)
+
+
+def apply_bev_nms(det: dict, radius) -> dict:
+    """A decoded detection dict (``boxes`` (k, >=2), ``scores`` (k,) descending, ``labels`` (k,)
+    and any other per-detection tensors) -> the rows :func:`bev_nms_keep` keeps."""
+    keep = bev_nms_keep(det["boxes"], det["labels"], radius)
+    return {name: t[keep] for name, t in det.items()}
 
 
 def _settings(cfg, max_num, post_center_range):

@@ -166,14 +166,19 @@ class RayDNDetector(nn.Module):
         return losses, state.detach()
 
     @torch.no_grad()
-    def predict(self, batch: FrameBatch, state: TemporalState | None = None
+    def predict(self, batch: FrameBatch, state: TemporalState | None = None, *, nms: bool = True
                 ) -> tuple[list[dict], TemporalState]:
         """Decoded detections per sample: dicts with ``boxes`` (k, 9) LiDAR boxes (gravity centre),
-        ``scores`` (k,), ``labels`` (k,). Use in eval mode. A batch with another camera count than
-        the model's or with NaN/inf images, calibration or poses raises ``DataError`` before the
-        memory is touched (``raydn.data.validate.check_frame_batch``): ``state`` stays as it was."""
+        ``scores`` (k,), ``labels`` (k,). Use in eval mode. ``nms=False`` skips the preset's BEV
+        NMS (``HeadConfig.nms_radius``; the official presets have none). A batch with another
+        camera count than the model's or with NaN/inf images, calibration or poses raises
+        ``DataError`` before the memory is touched (``raydn.data.validate.check_frame_batch``):
+        ``state`` stays as it was."""
+        from dataclasses import replace
+
         from raydn.data.validate import check_frame_batch
         from raydn.models.decode import decode
         check_frame_batch(batch, self.cfg.head.num_cams)
         outputs, state, _ = self.forward(batch, state)
-        return decode(outputs, self.cfg.head), state
+        head = self.cfg.head if nms or self.cfg.head.nms_radius is None else replace(self.cfg.head, nms_radius=None)
+        return decode(outputs, head), state
