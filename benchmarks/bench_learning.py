@@ -147,8 +147,13 @@ def report(out: Path) -> str:
             it = [c["iter"] for c in r["curve"]]
             for ax, key in zip(axes, ("mAP", "NDS", "ray_duplicates_per_gt")):
                 ax.plot(it, [c[key] for c in r["curve"]], "o-", color=colours[name], alpha=0.8,
-                        label=f"{name} s{r['seed']}")
-    for ax, title in zip(axes, ("mAP (synthetic val)", "NDS (synthetic val)", "duplicates along rays per GT box")):
+                        label=f"{name} (seeds {','.join(str(x['seed']) for x in rs)})" if r is rs[0] else None)
+            for ax, key in zip(axes, ("mAP_nms", "NDS_nms")):
+                if all(key in c for c in r["curve"]):
+                    ax.plot(it, [c[key] for c in r["curve"]], "s--", color=colours[name], alpha=0.5,
+                            label=f"{name} with NMS" if r is rs[0] else None)
+    for ax, title in zip(axes, ("mAP (synthetic val; dashed: with BEV NMS)", "NDS (synthetic val; dashed: with BEV NMS)",
+                                 "duplicates along rays per GT box (NMS-free)")):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
