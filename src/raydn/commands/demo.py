@@ -31,10 +31,10 @@ def add_arguments(p):
                         "exceeded (a slow machine then takes longer instead of giving a poor model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data loader workers (per training process)")
-    p.add_argument("--procs", type=int, default=1,
-                   help="training processes (data parallel over gloo, 1 thread each on 2 cores); "
-                        "2 gives ~1.4x the iterations but scored lower in its one measured demo "
-                        "(README, 'Demo accuracy'), so 1 is the default")
+    p.add_argument("--procs", type=int, default=None,
+                   help="training processes (data parallel over gloo, the cores shared out); default: one "
+                        "per core up to the total batch (2 on 2 cores: ~1.5x the iterations of one "
+                        "2-thread process in the same budget, README 'Demo accuracy'); --quick: 1")
     p.add_argument("--frames", type=int, default=4, help="frames to render")
     p.add_argument("--quick", action="store_true",
                    help="a tiny world and a few iterations: checks the pipeline in ~1 minute")
@@ -71,7 +71,7 @@ def run(args) -> int:
     from raydn.data.prepare import prepare_infos
     from raydn.data.synth import generate_world
     from raydn.engine.infer import evaluate_submission, stream_inference, write_submission
-    from raydn.engine.launch import default_cores, train_local_processes
+    from raydn.engine.launch import default_cores, default_procs, train_local_processes
     from raydn.engine.train import TrainOptions
     from raydn.presets import build_model
     from raydn.engine.checkpoint import safe_torch_load
@@ -123,7 +123,11 @@ def run(args) -> int:
                         max_iters=iters, seed=args.seed, workers=args.workers,
                         ckpt_interval=10 ** 9, log_interval=25, progress=progress, device="cpu",
                         time_budget_s=budget, budget_min_iters=None if args.quick else args.min_iters)
-    procs = max(1, min(args.procs, get_preset(args.preset).train.total_batch_size))
+    total_batch = get_preset(args.preset).train.total_batch_size
+    if args.procs is None:  # --quick stays in this process: spawning would cost more than it trains
+        procs = 1 if args.quick else default_procs(total_batch)
+    else:
+        procs = max(1, min(args.procs, total_batch))
     if procs > 1:
         print(f"{procs} training processes (data parallel over gloo, "
               f"{max(1, default_cores() // procs)} thread(s) each; --procs 1: one process)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
@@ -165,9 +166,11 @@ class Trainer:
         self._setup_stem_cache()
         step = _TrainStep(self.model)
         if self.dist.distributed:
-            step = nn.parallel.DistributedDataParallel(
-                step, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
-                find_unused_parameters=True, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; 2.11 lacks its successor
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                step = nn.parallel.DistributedDataParallel(
+                    step, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                    find_unused_parameters=True, broadcast_buffers=False)
         self.step_fn = step
         self.optimizer = build_optimizer(self.model, self.schedule.lr, recipe.weight_decay,
                                          recipe.backbone_lr_mult)
