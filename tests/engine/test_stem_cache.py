@@ -32,6 +32,23 @@ def test_split_backbone_equals_full_forward(frozen, maps):
     assert bool(trainable) == (frozen < 18)
 
 
+def test_cached_stem_under_encoder_autocast():
+    """The detector takes the cached stem maps (a tuple) also with the encoder under autocast
+    (the autocast device comes from the maps): same features as the images' path, to bf16."""
+    torch.manual_seed(0)
+    m = build_model("demo_raydn").train()
+    m.encoder_autocast = torch.bfloat16
+    images = torch.randn(1, 6, 3, 128, 352)
+    stem = m.img_backbone.forward_stem(m.prepare_images(images))
+    assert isinstance(stem, tuple)
+    from_stem = m.extract_feats(None, stem=stem, batch_size=1)
+    from_images = m.extract_feats(images)
+    assert len(from_stem) == len(from_images)
+    for a, b in zip(from_stem, from_images):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
 def test_blocker_names_the_reason():
     demo = build_model("demo_raydn")
     assert stem_cache_blocker(demo, get_preset("demo_raydn").train.aug) is None

@@ -104,7 +104,8 @@ class RayDNDetector(nn.Module):
             B = int(batch_size)
             maps = (stem,) if isinstance(stem, Tensor) else tuple(stem)
             x = tuple(m.contiguous(memory_format=torch.channels_last) for m in maps) if self.channels_last else maps
-        ctx = (torch.autocast(device_type=x.device.type, dtype=self.encoder_autocast)
+        device = (x if stem is None else x[0]).device
+        ctx = (torch.autocast(device_type=device.type, dtype=self.encoder_autocast)
                if (self.training and self.encoder_autocast is not None) else contextlib.nullcontext())
         with ctx:
             feats = self.img_backbone(x) if stem is None else self.img_backbone.forward_from_stem(x)

@@ -67,8 +67,7 @@ class StemCache:
             items = [dataset[i] for i in idx[s:s + frames_per_batch]]
             batch = collate_frames(items)
             x = model.prepare_images(batch.images.to(device))
-            y = model.img_backbone.forward_stem(x)
-            maps = (y,) if isinstance(y, Tensor) else tuple(y)
+            maps = model.img_backbone.forward_stem(x)  # a tuple of maps
             n = batch.images.shape[1]
             for k, meta in enumerate(batch.meta):
                 self._store[meta["sample_token"]] = tuple(m[k * n:(k + 1) * n].clone() for m in maps)
