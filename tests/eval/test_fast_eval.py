@@ -57,18 +57,27 @@ def test_constants_match_devkit():
         assert category_to_detection_name(cat) == name
 
 
-def test_rotations_reproduce_pyquaternion_bitwise():
+def test_rotations_reproduce_pyquaternion_to_rounding():
+    """The vectorised rotations equal pyquaternion / the devkit's ``quaternion_yaw`` to a few ulp.
+
+    Not bitwise: numpy's ``arctan2`` (SIMD loops dispatched per CPU: AVX-512 and AVX2 round
+    differently on ~30 % of inputs) and pyquaternion's 4x4 products (OpenBLAS kernels chosen per CPU)
+    may each differ from the other path in the last bit. What the evaluator needs -- its decisions
+    and metrics equal to the devkit's -- is checked by the golden and devkit-comparison tests below."""
+    eps = np.finfo(np.float64).eps
     rng = np.random.default_rng(0)
     q = rng.normal(size=(400, 4))
     q[:200] /= np.linalg.norm(q[:200], axis=1, keepdims=True)            # unit and non-unit
     q[200:220] = [list(Quaternion(axis=[0, 0, 1], angle=a).elements) for a in rng.uniform(-4, 4, 20)]
     ref_yaw = np.array([quaternion_yaw(Quaternion(list(x))) for x in q])
-    np.testing.assert_array_equal(quat_yaw(q), ref_yaw)
+    # yaw in (-pi, pi]: a few ulp of pi; the branch (+pi vs -pi) must agree too
+    np.testing.assert_allclose(quat_yaw(q), ref_yaw, rtol=0, atol=8 * eps * np.pi)
     ref_r = np.stack([Quaternion(list(x)).rotation_matrix for x in q])
-    np.testing.assert_allclose(quat_to_matrix(q), ref_r, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(quat_to_matrix(q), ref_r, rtol=0, atol=8 * eps)
     p = rng.normal(size=(400, 4))
     ref_m = np.stack([(Quaternion(list(a)) * Quaternion(list(b))).elements for a, b in zip(q, p)])
-    np.testing.assert_array_equal(quat_multiply(q, p), ref_m)
+    scale = np.abs(q).max(1, keepdims=True) * np.abs(p).max(1, keepdims=True)   # size of the products summed
+    assert (np.abs(quat_multiply(q, p) - ref_m) <= 16 * eps * scale).all()
 
 
 # ------------------------------------------------------------------------------------------------

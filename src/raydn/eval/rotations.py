@@ -3,7 +3,9 @@
 Quaternions are ``(..., 4)`` arrays ``[w, x, y, z]`` (nuScenes order). The functions mirror what
 ``pyquaternion.Quaternion`` does (normalise only when ``|1 - |q|^2| >= 1e-14``, products through the
 4x4 "q matrix", rotation matrices through ``Q @ conj(Qbar)^T``) with batched matmuls, so the devkit's
-yaw (``quaternion_yaw``) is reproduced bit for bit on the machine it runs on. No pyquaternion needed.
+yaw (``quaternion_yaw``) is reproduced to a few ulp: not bit for bit on every CPU, since numpy's SIMD
+``arctan2`` and OpenBLAS's 4x4 products are chosen per CPU (AVX-512 / AVX2) and may round the last bit
+differently from pyquaternion's path. No pyquaternion needed.
 """
 from __future__ import annotations
 
