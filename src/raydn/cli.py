@@ -25,6 +25,7 @@ COMMANDS = (
     ("convert", "raydn.commands.convert"),
     ("export", "raydn.commands.export"),
     ("presets", "raydn.commands.presets"),
+    ("config", "raydn.commands.config"),
     ("smoke", "raydn.commands.smoke"),
 )
 
@@ -60,14 +61,50 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    from raydn import termination
+    from raydn.errors import Terminated
     try:
-        return int(args._run(args) or 0)
+        with termination.handlers():  # SIGTERM / SIGHUP -> Terminated: the clean-up Ctrl-C runs
+            rc = int(args._run(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+            return rc
     except UserError as e:
-        print(f"raydn {args._name}: error: {e}", file=sys.stderr)
+        _say(f"raydn {args._name}: error: {e}")
         return 2
+    except Terminated as e:
+        _say(f"raydn {args._name}: terminated ({e.name})")
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"raydn {args._name}: interrupted", file=sys.stderr)
+        _say(f"raydn {args._name}: interrupted")
         return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # the reader went away (``raydn infer ... | head``): like a tool killed by SIGPIPE, quietly;
+        # stdout points to devnull so that the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _say(line: str) -> None:
+    """One line on stderr (nothing if stderr is gone too, e.g. after SIGHUP)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``poll`` reports an error on it)."""
+    try:
+        import select
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll (not POSIX), stdout without a descriptor
+        return False
 
 
 if __name__ == "__main__":

@@ -34,12 +34,73 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class InitSpec:
+    """The initialisation an official recipe starts from (``raydn train`` refuses to start an
+    official preset without it, or ``--from-scratch``; see :mod:`raydn.engine.initialisation`).
+
+    ``kind``: ``'backbone'`` (image backbone only, given with ``--pretrained``) or ``'detector'``
+    (whole-detector keys loaded non-strictly, ``--load-from``). ``file_name``: the file the official
+    config names; ``source``: the download address the official documentation gives
+    (``linked_from``); ``how``: how the file is made from the download, when it is not the download
+    itself; ``holds``: what it contains; ``official``: how the official config loads it.
+    ``sha256``: the whole digest where known; ``sha256_prefix``: its first hex digits where only
+    those are known (mmdet's ``publish_model`` puts the first 8 into the file name)."""
+    kind: str
+    file_name: str
+    source: str
+    linked_from: str
+    holds: str
+    official: str
+    how: str = ""
+    sha256: str | None = None
+    sha256_prefix: str | None = None
+
+    @property
+    def flag(self) -> str:
+        """The ``raydn train`` option that takes the file."""
+        return "--pretrained" if self.kind == "backbone" else "--load-from"
+
+
+#: The nuImages Cascade Mask R-CNN R50 (mmdetection3d model zoo) whose backbone starts the R50 recipes.
+NUIMAGES_R50_INIT = InitSpec(
+    kind="backbone",
+    file_name="cascade_mask_rcnn_r50_fpn_coco-20e_20e_nuim_20201009_124951-40963960.pth",
+    source="https://download.openmmlab.com/mmdetection3d/v0.1.0_models/nuimages_semseg/"
+           "cascade_mask_rcnn_r50_fpn_coco-20e_20e_nuim/"
+           "cascade_mask_rcnn_r50_fpn_coco-20e_20e_nuim_20201009_124951-40963960.pth",
+    linked_from="exiawsh/StreamPETR docs/data_preparation.md, 'Pretrained Weights' (RayDN's README "
+                "defers to it)",
+    holds="mmdet Cascade Mask R-CNN R50-FPN trained on COCO then nuImages: backbone.* (ResNet-50, "
+          "318 tensors), neck.*, rpn_head.*, roi_head.*; only backbone.* is used",
+    official="img_backbone.init_cfg=Pretrained(checkpoint='ckpts/<file>', prefix='backbone.') "
+             "(and load_from='ckpts/cascade_mask_rcnn_r50_fpn_coco-20e_20e_nuim-remapped.pth', the "
+             "same backbone renamed to img_backbone.*)",
+    sha256_prefix="40963960")
+
+#: EVA02-L detector weights (Objects365 + COCO) remapped to the official StreamPETR/RayDN key layout.
+EVA02L_INIT = InitSpec(
+    kind="detector",
+    file_name="eva02_L_coco_det_sys_o365_remapped.pth",
+    source="https://huggingface.co/Yuxin-CV/EVA-02/blob/main/eva02/det/eva02_L_coco_det_sys_o365.pth",
+    linked_from="exiawsh/StreamPETR docs/ViT_Large.md, 'Pretrain weights'",
+    how="remap the download with the script of StreamPETR docs/ViT_Large.md (backbone.net.* -> "
+        "img_backbone.*, backbone.simfp_* -> img_backbone.adapter.simfp_*)",
+    holds="the EVA02-L ViT and its simple feature pyramid as img_backbone.*; no 2D or 3D head "
+          "(those keep their initialisation); a tensor of another shape would be skipped, as "
+          "mmcv's load_from does",
+    official="load_from='./ckpts/eva02_L_coco_det_sys_o365_remapped.pth' (mmcv "
+             "load_checkpoint(strict=False))")
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     model: ModelConfig
     train: TrainConfig
     description: str = ""
     provenance: dict = field(default_factory=dict)
+    #: the initialisation the official recipe assumes (None: tiny/demo presets, which need none)
+    init: InitSpec | None = None
 
     def with_overrides(self, **kw) -> "Preset":
         return replace(self, **kw)
@@ -58,8 +119,8 @@ def _r50(ray: bool) -> Preset:
                              "raydn_r50_704_bs2_seq_428q_nui_60e.py with ray denoising off"),
             repo="LiewFeng/RayDN@cdb8c2c",
             reported={"NDS": 56.1, "mAP": 47.1} if ray else None,
-            pretrained="nuImages Cascade Mask R-CNN R50 backbone",
-        ))
+        ),
+        init=NUIMAGES_R50_INIT)
 
 
 def _eva(ray: bool) -> Preset:
@@ -82,8 +143,8 @@ def _eva(ray: bool) -> Preset:
                              "exiawsh/StreamPETR projects/configs/RepDETR3D/repdetr3d_eva02_800_bs2_seq_24e.py"),
             repo="LiewFeng/RayDN@cdb8c2c" if ray else "exiawsh/StreamPETR@95f6470",
             reported={"NDS": 62.4, "mAP": 54.1} if ray else {"NDS": 60.8, "mAP": 52.1},
-            pretrained="eva02_L_coco_det_sys_o365_remapped.pth",
-        ))
+        ),
+        init=EVA02L_INIT)
 
 
 def _tiny(ray: bool) -> Preset:

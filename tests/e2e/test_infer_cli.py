@@ -54,7 +54,7 @@ def test_infer_on_a_nuscenes_scene_writes_jsonl_and_mp4(synth_world, synth_infos
     # the same scene from the prepared info file (instead of the tables): the same output
     out2 = tmp_path / "dets2.jsonl"
     assert main(["infer", "--checkpoint", str(tiny_model_file), "--dataroot", str(synth_world),
-                 "--infos", str(synth_infos[1]["val"]), "--split", "mini_val", "--out", str(out2),
+                 "--data", str(synth_infos[1]["val"]), "--split", "mini_val", "--out", str(out2),
                  "--score-thr", "0", "--workers", "0", "--no-progress"]) == 0
     assert out2.read_text() == out.read_text()
 

@@ -23,4 +23,4 @@ def test_smoke_default_runs_predict_and_a_training_step(capsys):
 def test_smoke_usage_errors(capsys):
     assert main(["smoke", "--preset", "nope", "--no-train"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
-    assert main(["smoke", "--frames", "0"]) == 2
+    assert main(["smoke", "--num-frames", "0"]) == 2

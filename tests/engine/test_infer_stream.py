@@ -16,7 +16,7 @@ from raydn.data.infos import load_info_file
 from raydn.data.own_cameras import (CalibrationError, CameraRigFrames, load_camera_rig,
                                     rig_dict_from_infos, write_rig_file)
 from raydn.data.synthetic_batch import synthetic_frame_batch
-from raydn.engine.query_ids import QueryIdTracker
+from raydn.engine.tracking import MemoryTracker, TrackFrame
 from raydn.models.decode import decode
 from raydn.engine.stream import TorchBackend, boxes_to_global, nuscenes_stream, run_stream
 from raydn.presets import build_model, get_preset
@@ -56,13 +56,17 @@ def test_boxes_to_global_rotates_and_translates():
 
 
 def test_query_ids_follow_the_memory_rows():
-    """The tracker writes exactly the rows the head writes (checked on the velocities the head
-    copies into the memory); propagated queries keep their row's id; a reset forgets every id."""
+    """The ids follow the model's own selection (the rows the head writes, checked on the
+    velocities it copies into the memory; the query each detection was decoded from, checked on
+    the centre it copies); propagated queries keep their row's id; a reset forgets every id."""
     model = _model()
     backend = TorchBackend(model)
     cfg = model.cfg.head
     Q, P, M, K = cfg.num_query, cfg.num_propagated, cfg.memory_len, cfg.topk_proposals
-    tracker = QueryIdTracker.for_head(cfg)
+    tracker = MemoryTracker.for_head(cfg)
+    captured = {}
+    model.pts_bbox_head.register_forward_hook(
+        lambda m, a, out: captured.update(box=out[0]["all_bbox_preds"][-1]))
     state = backend.init_state(1)
     seen: set = set()
     persisted = reinserted = 0
@@ -70,20 +74,23 @@ def test_query_ids_follow_the_memory_rows():
         reset = t in (0, 4)
         batch = synthetic_frame_batch(1, AUG.final_dim, frame_index=t, prev_exists=[0.0 if reset else 1.0],
                                       with_targets=False, seed=t)
-        before = tracker.memory_ids.clone()
+        before = tracker.memory_ids.copy()
         if reset:
             before[:] = -1
-        dets, state, cls, box = backend.step(batch, state)
-        ids = tracker.step(batch.prev_exists, cls, box, dets)[0]
-        topk = tracker.last_topk
-        # the tracker selected the rows the model wrote into its memory
-        assert torch.equal(torch.gather(box[..., -2:].cpu(), 1, topk[..., None].expand(-1, -1, 2)),
-                           state.velo[:, :K].cpu())
-        assert torch.equal(tracker.memory_ids[:, K:], before[:, :M - K])
-        q = tracker.decoded_queries(cls, box)[0]
+        dets, state, sel = backend.step(batch, state)
+        box = captured["box"]
+        q, topk = sel.decode_index[0], sel.memory_index[0]
+        ids = torch.from_numpy(tracker.step(TrackFrame(reset, float(t), dets[0]["labels"], dets[0]["scores"],
+                                                       decode_index=q, memory_index=topk)))
+        # the selection is the one the model made: the rows it wrote into its memory ...
+        assert torch.equal(box[0, topk, -2:], state.velo[0, :K])
+        # ... and the queries its detections were decoded from
+        assert torch.equal(box[0, q, :3], dets[0]["boxes"][:, :3])
+        before_t = torch.from_numpy(before)
+        assert torch.equal(torch.from_numpy(tracker.memory_ids[K:]), before_t[:M - K])
         assert len(q) == len(dets[0]["scores"]) == len(ids) > 0
         prop = q >= Q
-        carried = before[0, (q[prop] - Q)]
+        carried = before_t[(q[prop] - Q)]
         got = ids[prop]
         assert torch.equal(got[carried >= 0], carried[carried >= 0])  # propagated: the row's id
         fresh = ids[~prop]
@@ -94,9 +101,9 @@ def test_query_ids_follow_the_memory_rows():
         for qq, ii in zip(q.tolist(), ids.tolist()):                         # one id per query
             assert per_query.setdefault(qq, ii) == ii
         persisted += int((carried >= 0).sum())
-        new_rows = tracker.memory_ids[0, :K]
-        src = before[0, (topk[0] - Q).clamp(min=0)]
-        again = (topk[0] >= Q) & (src >= 0)
+        new_rows = torch.from_numpy(tracker.memory_ids[:K])
+        src = before_t[(topk - Q).clamp(min=0)]
+        again = (topk >= Q) & (src >= 0)
         assert torch.equal(new_rows[again], src[again])                     # re-inserted: keeps its id
         assert (new_rows >= 0).all()
         reinserted += int(again.sum())
@@ -197,38 +204,28 @@ def test_long_stream_keeps_memory_flat(val_records, tmp_path):
 
 
 def test_ids_follow_boxes_whatever_order_tied_scores_come_in():
-    """Another top-k implementation may order equal scores differently: the tracker ties each
-    detection to the query whose centre it carries, and each memory row to the query whose
-    velocity it carries, so the ids stay with their boxes."""
+    """Another top-k implementation may order equal scores differently: every detection carries
+    the query it was decoded from (the model's own selection), so the ids stay with their boxes."""
     model = _model()
     backend = TorchBackend(model)
-    K = model.cfg.head.topk_proposals
-    a, b = QueryIdTracker.for_head(model.cfg.head), QueryIdTracker.for_head(model.cfg.head)
+    a, b = MemoryTracker.for_head(model.cfg.head), MemoryTracker.for_head(model.cfg.head)
     state = backend.init_state(1)
     for t in range(3):
         batch = synthetic_frame_batch(1, AUG.final_dim, frame_index=t, prev_exists=[float(t > 0)],
                                       with_targets=False, seed=t)
-        _, state, cls, box = backend.step(batch, state)
-        # make detections 3 and 4 tie exactly, decode, and hand tracker b the tie the other way round
-        q = a.decoded_queries(cls, box)[0]
-        lab = decode({"all_cls_scores": cls[None], "all_bbox_preds": box[None]}, model.cfg.head)[0]["labels"]
-        cls = cls.clone()
-        cls[0, q[4], lab[4]] = cls[0, q[3], lab[3]]
-        dets = decode({"all_cls_scores": cls[None], "all_bbox_preds": box[None]}, model.cfg.head)
-        s_ = dets[0]["scores"]
-        i = int((s_ == s_[3]).nonzero()[0])
-        j = i + 1
-        assert s_[i] == s_[j]
-        ids_a = a.step(batch.prev_exists, cls, box, dets, memory_velo=state.velo[:, :K])[0]
-        d = {k: v.clone() for k, v in dets[0].items()}
-        for k in ("boxes", "labels"):
-            d[k][[i, j]] = d[k][[j, i]]
-        ids_b = b.step(batch.prev_exists, cls, box, [d], memory_velo=state.velo[:, :K])[0]
+        dets, state, sel = backend.step(batch, state)
+        d, q, m = dets[0], sel.decode_index[0], sel.memory_index[0]
+        assert torch.equal(d["query"], q)
+        ids_a = a.step(TrackFrame(t == 0, float(t), d["labels"], d["scores"], decode_index=q, memory_index=m))
+        # the same frame from a backend that ordered detections 3 and 4 the other way round
+        i, j = 3, 4
+        perm = torch.arange(len(q))
+        perm[[i, j]] = perm[[j, i]]
+        ids_b = b.step(TrackFrame(t == 0, float(t), d["labels"][perm], d["scores"][perm],
+                                  decode_index=q[perm], memory_index=m))
         assert ids_a[i] != ids_a[j] and ids_b[i] == ids_a[j] and ids_b[j] == ids_a[i]
-        keep = torch.ones(len(ids_a), dtype=torch.bool)
-        keep[[i, j]] = False
-        assert torch.equal(ids_a[keep], ids_b[keep])
-        assert torch.equal(a.memory_ids, b.memory_ids)
+        assert (ids_b == ids_a[perm.numpy()]).all()
+        assert (a.memory_ids == b.memory_ids).all()
 
 
 def test_onnxruntime_backend_gives_the_torch_ids_and_boxes(val_records, tmp_path):

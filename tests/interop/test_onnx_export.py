@@ -175,7 +175,7 @@ def test_raydn_infer_with_the_onnxruntime_backend_matches_torch(exported, synth_
     common = ["--dataroot", str(synth_world), "--scene", scene, "--score-thr", "0", "--workers", "0",
               "--no-progress"]
     j_pt, j_ox = tmp_path / "pt.jsonl", tmp_path / "ox.jsonl"
-    assert main(["infer", "--checkpoint", str(ckpt), "--out", str(j_pt), *common]) == 0
+    assert main(["infer", "--checkpoint", str(ckpt), "--out", str(j_pt), "--device", "cpu", *common]) == 0
     assert main(["infer", "--backend", "onnxruntime", "--onnx", str(out), "--out", str(j_ox), *common]) == 0, \
         capsys.readouterr().err
     assert "backend onnxruntime" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raydn.data.synthetic_batch import synthetic_frame_batch
-from raydn.engine.query_ids import QueryIdTracker
+from raydn.engine.tracking import MemoryTracker, TrackFrame
 from raydn.engine.stream import TorchBackend
 from raydn.models.decode import bev_nms_keep, decode
 from raydn.presets import build_model, get_preset
@@ -86,22 +86,30 @@ def test_decode_with_nms_is_the_nms_free_decode_filtered():
     assert model.cfg.head.nms_radius == tuple(radius)            # the model's setting is untouched
 
 
-def test_query_id_tracker_follows_the_nms_decoder():
-    """The tracker's selection equals the decoder's with NMS (it raises when out of step)."""
+def test_query_ids_follow_the_nms_decoder():
+    """With the NMS decoder, the model's selection names the query of every detection it kept
+    (the centre each detection copies from its query), and every detection gets an id."""
     model = _nms_model([6.0] * 10)
     backend = TorchBackend(model)
-    tracker = QueryIdTracker.for_head(model.cfg.head)
+    tracker = MemoryTracker.for_head(model.cfg.head)
+    captured = {}
+    model.pts_bbox_head.register_forward_hook(
+        lambda m, a, out: captured.update(box=out[0]["all_bbox_preds"][-1]))
     state = backend.init_state(1)
     for t in range(4):
         batch = synthetic_frame_batch(1, (128, 352), frame_index=t, prev_exists=[float(t > 0)],
                                       with_targets=False, seed=t)
-        dets, state, cls, box = backend.step(batch, state)
-        ids = tracker.step(batch.prev_exists, cls, box, dets)[0]
-        assert len(ids) == len(dets[0]["scores"]) > 0
-    # an NMS-free tracker is out of step with an NMS decoder and says so
-    free = QueryIdTracker.for_head(replace(model.cfg.head, nms_radius=None))
-    with pytest.raises(RuntimeError, match="out of step"):
-        free.step(batch.prev_exists, cls, box, dets)
+        dets, state, sel = backend.step(batch, state)
+        q = sel.decode_index[0]
+        assert torch.equal(captured["box"][0, q, :3], dets[0]["boxes"][:, :3])
+        ids = tracker.step(TrackFrame(t == 0, float(t), dets[0]["labels"], dets[0]["scores"],
+                                      decode_index=q, memory_index=sel.memory_index[0]))
+        assert len(ids) == len(dets[0]["scores"]) > 0 and (ids >= 0).all()
+    # a tracker built for other head sizes is out of step with the model and says so
+    other = MemoryTracker(num_query=4, num_propagated=0, memory_len=8)
+    with pytest.raises(ValueError, match="out of step"):
+        other.step(TrackFrame(False, 9.0, dets[0]["labels"], dets[0]["scores"],
+                              decode_index=q, memory_index=sel.memory_index[0]))
 
 
 def test_onnx_detections_apply_the_exported_nms():

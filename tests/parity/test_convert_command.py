@@ -138,7 +138,7 @@ def test_load_model_accepts_a_training_checkpoint(tmp_path):
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ref[k]), k
     # a wrong explicit preset and an unknown format are clear errors naming the file
-    with pytest.raises(CheckpointError, match="does not match preset 'r50_raydn'"):
+    with pytest.raises(CheckpointError, match="is preset 'tiny_raydn' but preset 'r50_raydn' was requested"):
         load_model(path, preset="r50_raydn")
     torch.save({"format": "something/9", "model": {}}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="unknown checkpoint format 'something/9'"):

@@ -4,7 +4,6 @@ camera image, a truncated JPEG, a nonexistent dataroot, two prepares into one fo
 Every variant is a cheap edit of the session's synthetic world (tables copied, images symlinked)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pickle
@@ -171,15 +170,8 @@ sys.exit(main(["prepare", "--dataroot", sys.argv[1], "--version", "v1.0-mini", "
 
 
 def _locked(folder) -> bool:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    from raydn.io import lock_holder
+    return lock_holder(folder) is not None
 
 
 def test_two_concurrent_prepares_into_one_folder(synth_world, tmp_path):
@@ -196,7 +188,8 @@ def test_two_concurrent_prepares_into_one_folder(synth_world, tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     f_out, f_err = first.communicate(timeout=600)
     assert first.returncode == 0 and second.returncode == 0, f_err + second.stderr
-    assert f"another prepare is writing into {out}; waiting for it" in second.stdout
+    assert f"raydn prepare: another raydn prepare (pid {first.pid}) is writing into {out}; waiting for it" \
+        in second.stdout, second.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "nuscenes2d_temporal_infos_train.pkl", "nuscenes2d_temporal_infos_val.pkl"]
     assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".stamp.json")]

@@ -123,3 +123,51 @@ def test_devkit_rejection_leaves_no_empty_plots_folder(good_results, synth_world
     with pytest.raises(DataError, match="rejected by the nuScenes devkit"):
         run_devkit_eval(path, synth_world, "v1.0-mini", "mini_train", out, plots=True, quiet=True)
     assert not (out / "plots").exists()
+
+
+def _to_ego_frame(results, infos):
+    """The same boxes moved from the global frame into each sample's ego (vehicle) frame."""
+    from raydn.data.infos import quaternion_to_matrix
+    poses = {r["token"]: (np.asarray(r["ego2global_translation"], np.float64),
+                          quaternion_to_matrix(r["ego2global_rotation"])) for r in infos}
+    out = copy.deepcopy(results)
+    for token, recs in out.items():
+        t, R = poses[token]
+        for rec in recs:
+            rec["translation"] = (R.T @ (np.asarray(rec["translation"]) - t)).tolist()
+    return out
+
+
+def test_submission_in_the_ego_frame_is_refused_with_the_reason(good_results, synth_infos, synth_world,
+                                                                tmp_path, capsys):
+    """GT boxes converted to the ego frame would score mAP 0 / NDS 0 with no hint: refused, naming the
+    frame; nothing written."""
+    infos = load_info_file(synth_infos[1]["val"])["infos"]
+    path = _write(tmp_path / "sub", _to_ego_frame(good_results, infos))
+    rc, _, err = _score(capsys, path, synth_infos, synth_world, "--evaluator", "fast")
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(path) in err and "boxes look like they are in the ego (vehicle/LiDAR) frame" in err
+    assert "nuScenes submissions are in the global frame" in err and "mAP 0, NDS 0" in err
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["results_nusc.json"]
+
+
+def test_frame_check_accepts_global_boxes_and_needs_egos_away_from_the_origin(good_results, synth_infos, tmp_path):
+    from raydn.eval.validate_submission import check_global_frame
+    infos = load_info_file(synth_infos[1]["val"])["infos"]
+    ego = {r["token"]: r["ego2global_translation"] for r in infos}
+    check_global_frame("sub.json", good_results, ego)              # the global frame: accepted
+    ego_frame = _to_ego_frame(good_results, infos)
+    with pytest.raises(DataError, match="sub.json: boxes look like they are in the ego"):
+        check_global_frame("sub.json", ego_frame, ego)
+    # egos near the origin: the two frames cannot be told apart, nothing is claimed
+    check_global_frame("sub.json", ego_frame, {t: [10.0, 20.0, 0.0] for t in ego})
+
+
+def test_submission_file_larger_than_the_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import raydn.limits
+    from raydn.eval.validate_submission import validate_submission
+    path = tmp_path / "results_nusc.json"
+    path.write_text(json.dumps({"meta": {}, "results": {}}) + " " * 4096)
+    monkeypatch.setattr(raydn.limits, "MAX_SUBMISSION_FILE_BYTES", 2048)
+    with pytest.raises(DataError, match=r"results_nusc\.json: submission file of 4\.\d KiB is larger than the limit"):
+        validate_submission(path, [])

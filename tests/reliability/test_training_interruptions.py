@@ -134,6 +134,6 @@ def test_keep_last_retains_only_the_newest_checkpoints(synth_infos, tmp_path):
     assert sorted(p.name for p in out.glob("*.pt")) == ["iter_0000003.pt", "iter_0000004.pt", "latest.pt"]
     assert torch.load(out / "latest.pt", weights_only=True)["iteration"] == 4
     # the CLI option reaches the trainer and refuses nonsense
-    rc = cli_main(["train", "--data", str(synth_infos[1]["train"]), "--out", str(tmp_path / "k0"),
-                   "--keep-last", "0"])
+    rc = cli_main(["train", "--preset", "tiny_raydn", "--data", str(synth_infos[1]["train"]),
+                   "--out", str(tmp_path / "k0"), "--keep-last", "0"])
     assert rc == 2 and not (tmp_path / "k0").exists()

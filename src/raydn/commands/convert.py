@@ -17,17 +17,18 @@ HELP = "convert an official RayDN / StreamPETR (RepDETR3D) checkpoint to a raydn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from raydn.commands._args import add_trust_argument
     parser.add_argument("official", help="official checkpoint (.pth)")
     parser.add_argument("out", help="output file (.pt), written atomically")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--preset", default=None,
+    g.add_argument("--preset", default=None, metavar="NAME",
                    help="check keys/shapes against the model of this preset (e.g. r50_raydn) and "
-                        "record it in the output (default: detected from the keys and shapes)")
-    g.add_argument("--keys", default=None,
+                        "record it in the output (default: detected from the keys and shapes; a raydn "
+                        "model file's own preset wins, a different one is an error)")
+    g.add_argument("--keys", default=None, metavar="FILE",
                    help="check against an official key listing (key<TAB>[shape]<TAB>dtype lines); "
                         "the preset is then detected if one matches")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow full unpickling of the input (only for files you trust)")
+    add_trust_argument(parser)
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="write the output even if the report shows problems (exit code stays 1)")
 
@@ -44,13 +45,17 @@ def _preset_model_shapes(name: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from raydn.interop.convert import (
-        DETECTABLE_PRESETS, convert_official_state_dict, detect_preset, load_checkpoint_file,
-        preset_shapes, read_key_list, save_model_file,
+        DETECTABLE_PRESETS, MODEL_FORMAT, TRAIN_FORMAT, convert_official_state_dict, detect_preset,
+        load_checkpoint_file, preset_shapes, read_key_list, resolve_preset, save_model_file,
     )
     raw = load_checkpoint_file(args.official, trust=args.trust_checkpoint)
     note = ""
-    if args.preset:
-        preset, expected = args.preset, _preset_model_shapes(args.preset)
+    # a raydn model file / training checkpoint names its preset: that one wins over --preset
+    ours = isinstance(raw, dict) and raw.get("format") in (MODEL_FORMAT, TRAIN_FORMAT)
+    recorded = raw.get("preset") if ours else None
+    chosen = resolve_preset(recorded, args.preset, str(args.official))
+    if chosen and not args.keys:
+        preset, expected = chosen, _preset_model_shapes(chosen)
     else:
         unchecked, _ = convert_official_state_dict(raw)
         preset = detect_preset(unchecked)

@@ -13,32 +13,38 @@ HELP = "run the end-to-end demo on the built-in synthetic world (CPU, about 15 m
 
 
 def add_arguments(p):
-    p.add_argument("--out", default="raydn_demo", help="output folder")
-    p.add_argument("--preset", default="demo_raydn",
+    from raydn.commands._args import add_deprecated_alias, add_progress_argument
+    p.add_argument("--out", default="raydn_demo", metavar="DIR", help="output folder")
+    p.add_argument("--preset", default="demo_raydn", metavar="NAME",
                    help="preset to train (default demo_raydn: ImageNet MobileNetV2 + tiny head)")
-    p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (8 train + 2 val)")
+    p.add_argument("--scenes", type=int, default=10, metavar="N", help="synthetic scenes (8 train + 2 val)")
     p.add_argument("--profile", choices=("demo", "rays", "realistic"), default="demo",
                    help="synthetic world layout (see `raydn synth --help`)")
-    p.add_argument("--samples-per-scene", type=int, default=40)
-    p.add_argument("--iters", type=int, default=4000,
-                   help="training iterations at most; the --minutes budget usually sets fewer "
-                        "(the cosine schedule is fitted to what the measured speed allows)")
-    p.add_argument("--minutes", type=float, default=14.0,
-                   help="wall-clock budget of the whole demo: training is shortened (its cosine schedule "
-                        "re-derived) when the measured speed would not fit; 0 = no budget")
-    p.add_argument("--min-iters", type=int, default=800,
-                   help="never train fewer iterations than this, even when the --minutes budget is "
+    p.add_argument("--samples-per-scene", type=int, default=40, metavar="N",
+                   help="keyframes per synthetic scene at 2 Hz")
+    iters = p.add_argument("--max-iters", type=int, default=4000, metavar="N",
+                           help="training iterations at most; the --time-budget usually sets fewer "
+                                "(the cosine schedule is fitted to what the measured speed allows)")
+    add_deprecated_alias(p, "--iters", iters)
+    budget = p.add_argument("--time-budget", type=float, default=14.0, metavar="MINUTES",
+                            help="wall-clock budget of the whole demo: training is shortened (its cosine "
+                                 "schedule re-derived) when the measured speed would not fit; 0 = no budget")
+    add_deprecated_alias(p, "--minutes", budget)
+    p.add_argument("--min-iters", type=int, default=800, metavar="N",
+                   help="never train fewer iterations than this, even when the --time-budget is "
                         "exceeded (a slow machine then takes longer instead of giving a poor model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (per training process)")
-    p.add_argument("--procs", type=int, default=None,
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the world and the training")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader workers (per training process)")
+    p.add_argument("--procs", type=int, default=None, metavar="N",
                    help="training processes (data parallel over gloo, the cores shared out); default: one "
                         "per core up to the total batch (2 on 2 cores: ~1.5x the iterations of one "
                         "2-thread process in the same budget, README 'Demo accuracy'); --quick: 1")
-    p.add_argument("--frames", type=int, default=4, help="frames to render")
+    frames = p.add_argument("--num-frames", type=int, default=4, metavar="N",
+                            help="mini_val frames to render as pictures")
+    add_deprecated_alias(p, "--frames", frames)
     p.add_argument("--quick", action="store_true",
                    help="a tiny world and a few iterations: checks the pipeline in ~1 minute")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
 
 
 #: the project plan's accuracy target for the demo (synthetic mini_val, official metric)
@@ -92,7 +98,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    scenes, spp, iters = args.scenes, args.samples_per_scene, args.iters
+    scenes, spp, iters = args.scenes, args.samples_per_scene, args.max_iters
     if args.quick:
         scenes, spp, iters = 5, 6, 12
     timings = {}
@@ -116,9 +122,9 @@ def run(args) -> int:
 
     t = _step(f"3/5 training {args.preset} (ray denoising on)")
     budget = None
-    if args.minutes > 0 and not args.quick:  # what is left, less a reserve for evaluation + pictures
-        budget = max(0.0, 60.0 * args.minutes - (time.time() - t_start) - _EVAL_RESERVE_S)
-        print(f"training budget: {budget / 60:.1f} min (demo budget {args.minutes:g} min)")
+    if args.time_budget > 0 and not args.quick:  # what is left, less a reserve for evaluation + pictures
+        budget = max(0.0, 60.0 * args.time_budget - (time.time() - t_start) - _EVAL_RESERVE_S)
+        print(f"training budget: {budget / 60:.1f} min (demo budget {args.time_budget:g} min)")
     opts = TrainOptions(preset=args.preset, data=str(paths["train"]), out_dir=str(out / "train"),
                         max_iters=iters, seed=args.seed, workers=args.workers,
                         ckpt_interval=10 ** 9, log_interval=25, progress=progress, device="cpu",
@@ -147,7 +153,7 @@ def run(args) -> int:
     model.eval()
     aug = replace(preset.train.aug, training=False)
     val = NuScenesStreamingDataset(str(paths["val"]), aug, test_mode=True)
-    keep = set(range(0, len(val), max(1, len(val) // max(1, args.frames))))
+    keep = set(range(0, len(val), max(1, len(val) // max(1, args.num_frames))))
     # inference NMS-free (the model's own output), then the preset's NMS on top: both are scored
     raw, batches = stream_inference(model, val, num_workers=args.workers, progress=progress,
                                     keep_batches=keep, nms=False)
@@ -167,7 +173,7 @@ def run(args) -> int:
 
     t = _step("5/5 pictures")
     pictures = []
-    for idx in sorted(batches)[: args.frames]:
+    for idx in sorted(batches)[: args.num_frames]:
         b = batches[idx]
         imgs = denormalize_images(b.images[0], aug.img_mean, aug.img_std)
         gt = b.gt_boxes[0] if b.gt_boxes is not None else None

@@ -16,18 +16,19 @@ HELP = "export a model to ONNX (image encoder + one streaming head step) and che
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=None,
+    from raydn.commands._args import add_trust_argument
+    parser.add_argument("--checkpoint", default=None, metavar="CKPT",
                         help="raydn model file / training checkpoint / official .pth (see `raydn convert`)")
-    parser.add_argument("--preset", default=None,
-                        help="preset of the checkpoint (default: recorded in it); without --checkpoint "
-                             "the preset is exported with seeded random weights (for testing/timing)")
-    parser.add_argument("--out", required=True, help="output directory (files replaced atomically)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size fixed in the graphs")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="preset of a checkpoint that names none (one that records its preset uses "
+                             "it: a different --preset is an error); without --checkpoint the preset is "
+                             "exported with seeded random weights (for testing/timing)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (files replaced atomically)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="batch size fixed in the graphs")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow full unpickling of the checkpoint (only for files you trust)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, metavar="TOL", help="parity tolerance (default 1e-4)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights (no --checkpoint)")
+    add_trust_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: no --checkpoint: exporting {args.preset} with random weights (seed {args.seed})")
     t0 = time.perf_counter()
     try:
-        report = export_model(args.out, checkpoint=args.checkpoint, preset=args.preset,
-                              batch_size=args.batch_size, check=not args.no_check, seed=args.seed,
-                              trust=args.trust_checkpoint, tolerance=args.tolerance)
+        from raydn.io import OutputFolder  # locked while writing; a failed first export leaves no folder
+        with OutputFolder(args.out, "export"):
+            report = export_model(args.out, checkpoint=args.checkpoint, preset=args.preset,
+                                  batch_size=args.batch_size, check=not args.no_check, seed=args.seed,
+                                  trust=args.trust_checkpoint, tolerance=args.tolerance)
     except ExportError as e:
         if "differs from PyTorch" in str(e):
             print(f"raydn export: parity check failed: {e}")

@@ -5,11 +5,13 @@ HELP = "build nuscenes2d_temporal_infos_{train,val}.pkl (official format) from a
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataroot", required=True, help="nuScenes dataroot (real or from `raydn synth`)")
-    parser.add_argument("--version", default="v1.0-trainval", choices=("v1.0-mini", "v1.0-trainval", "v1.0-test"))
-    parser.add_argument("--out", default=None, help="output folder (default: the dataroot)")
+    from raydn.commands._args import add_progress_argument
+    parser.add_argument("--dataroot", required=True, metavar="DIR", help="nuScenes dataroot (real or from `raydn synth`)")
+    parser.add_argument("--version", default="v1.0-trainval", choices=("v1.0-mini", "v1.0-trainval", "v1.0-test"),
+                        help="nuScenes version folder of the dataroot")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the dataroot)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the pickles are up to date")
-    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_progress_argument(parser)
 
 
 def run(args) -> int:

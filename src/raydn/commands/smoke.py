@@ -13,15 +13,18 @@ HELP = "run a preset on synthetic frames: streaming predict + one training step 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny_raydn", help="model preset (see `raydn presets`)")
-    parser.add_argument("--frames", type=int, default=3, help="streaming frames to predict")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--boxes", type=int, default=5, help="random GT boxes per sample (training)")
+    from raydn.commands._args import add_deprecated_alias, add_device_argument
+    parser.add_argument("--preset", default="tiny_raydn", metavar="NAME", help="model preset (see `raydn presets`)")
+    frames = parser.add_argument("--num-frames", type=int, default=3, metavar="N",
+                                 help="streaming frames to predict")
+    add_deprecated_alias(parser, "--frames", frames)
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="samples per frame")
+    parser.add_argument("--boxes", type=int, default=5, metavar="N", help="random GT boxes per sample (training)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="network input size (default: the preset's)")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and frames")
+    add_device_argument(parser)
 
 
 def _fmt_shape(t) -> str:
@@ -31,17 +34,18 @@ def _fmt_shape(t) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from raydn.commands._args import resolve_device
     from raydn.data.synthetic_batch import synthetic_frame_batch
     from raydn.errors import RaydnError
     from raydn.presets import build_model, get_preset
 
-    if args.frames < 1 or args.batch_size < 1 or args.boxes < 0:
-        raise RaydnError("--frames and --batch-size must be >= 1, --boxes >= 0")
+    if args.num_frames < 1 or args.batch_size < 1 or args.boxes < 0:
+        raise RaydnError("--num-frames and --batch-size must be >= 1, --boxes >= 0")
     try:
         preset = get_preset(args.preset)
     except KeyError as e:
         raise RaydnError(e.args[0]) from None
-    device = torch.device(args.device)
+    device = torch.device(resolve_device(args.device))
     hw = tuple(args.image_size) if args.image_size else tuple(preset.model.image_size)
     B = args.batch_size
     torch.manual_seed(args.seed)
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     model.eval()
     state = model.init_state(B, device)
-    for f in range(args.frames):
+    for f in range(args.num_frames):
         batch = synthetic_frame_batch(B, hw, frame_index=f, with_targets=False,
                                       seed=args.seed).to(device)
         t = time.perf_counter()

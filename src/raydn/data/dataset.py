@@ -76,7 +76,7 @@ def load_image(path: Path, src_size: tuple, draft_size: tuple | None = None) -> 
                 im.draft("RGB", draft_size)
                 if im.size != tuple(draft_size):  # draft picked another scale: decode full size
                     raise _RetryFull()
-            return im.convert("RGB")  # forces the full decode inside the try
+            return _to_rgb8(im, path)  # forces the full decode inside the try
     except _RetryFull:
         return load_image(path, src_size, None)
     except DataError:
@@ -89,6 +89,43 @@ def load_image(path: Path, src_size: tuple, draft_size: tuple | None = None) -> 
 
 class _RetryFull(Exception):
     pass
+
+
+#: Modes whose conversion to RGB loses nothing a camera image holds (greyscale is replicated).
+_RGB_MODES = ("RGB", "L", "P", "YCbCr")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_rgb8(im: Image.Image, path) -> Image.Image:
+    """Decode ``im`` to 8-bit RGB without changing what it holds, or raise :class:`DataError`
+    naming the file and the mode: RGB / greyscale / palette / YCbCr convert as they are; an alpha
+    channel must be fully opaque (it is dropped); 16-bit greyscale (PNG) is scaled 0..65535 ->
+    0..255 (not clipped at 255); CMYK, 32-bit integer or float, 1-bit and other modes are refused."""
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        mode = "PA"
+    if mode in _RGB_MODES:
+        return im.convert("RGB")
+    if mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        lo = rgba.getchannel("A").getextrema()[0]
+        if lo < 255:
+            raise DataError(f"{path}: camera image has transparent pixels (mode {im.mode}, alpha down to "
+                            f"{lo}); expected an opaque image: save it as RGB without alpha")
+        return rgba.convert("RGB")
+    if mode in _16BIT_MODES or (mode == "I" and im.format == "PNG"):
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{path}: camera image of mode {im.mode} has values outside 0..65535; "
+                            "expected 16-bit greyscale")
+        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)   # full 16-bit range -> 8 bits, rounded
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    what = {"CMYK": "CMYK colour (print colours; the conversion depends on a colour profile)",
+            "I": "32-bit integer", "F": "32-bit float (no defined 0..255 range)", "1": "1-bit black and white",
+            }.get(mode, "not an RGB, greyscale or palette image")
+    raise DataError(f"{path}: camera image has mode {im.mode} ({what}); expected 8-bit RGB, greyscale "
+                    "or palette, or 16-bit greyscale: convert it to 8-bit sRGB first")
 
 
 def scene_ids(infos: Sequence[dict]) -> np.ndarray:

@@ -29,12 +29,28 @@ poses relative to ``world_origin`` (the first frame's position, float64) and kee
 ``meta`` so that outputs can be returned in the file's world frame exactly.
 
 Errors are :class:`CalibrationError` and name the file, the field, the camera and the frame.
+
+Values that parse but cannot be what they claim are refused (bounds no real camera violates):
+
+* a key given twice in one mapping (JSON or YAML; the message names the key, and the line in YAML);
+  a file nested too deeply to parse; a file larger than
+  :data:`raydn.limits.MAX_CALIBRATION_FILE_BYTES`;
+* timestamps that are not seconds: a value above :data:`MAX_EPOCH_SECONDS` (1e11 s, the year 5138:
+  milliseconds, microseconds -- nuScenes' raw unit -- and nanoseconds since 1970 are all above), or
+  a step between frames outside [:data:`MIN_FRAME_STEP_S`, :data:`MAX_FRAME_STEP_S`] = [1 ms, 10 s]
+  (the message names the likely unit from the median step);
+* intrinsics that belong to another image: a principal point outside the image, or ``fx``/``fy``
+  outside [:data:`MIN_FOCAL_FRACTION`, :data:`MAX_FOCAL_FRACTION`] = [0.05, 50] x the image width
+  (horizontal fields of view of ~169 deg .. ~1.1 deg);
+* images that do not decode to 8-bit RGB: see :func:`raydn.data.dataset.load_image` (16-bit
+  greyscale is scaled, alpha must be opaque, CMYK / float / 1-bit are refused).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +64,16 @@ from raydn.data.transforms import AugConfig, ida_matrix
 from raydn.errors import DataError
 
 __all__ = ["CalibrationError", "CameraCalib", "RigFrame", "CameraRig", "load_camera_rig",
-           "CameraRigFrames", "rig_dict_from_infos", "write_rig_file"]
+           "CameraRigFrames", "rig_dict_from_infos", "write_rig_file", "check_timestamp_unit",
+           "check_intrinsics"]
 
 RIGID_TOL = 1e-3       # |R R^T - I| and |det R - 1| of rotations given as matrices
 QUAT_TOL = 1e-3        # |‖q‖ - 1| of quaternions
+MAX_EPOCH_SECONDS = 1e11   # seconds since 1970 beyond the year 5000: the timestamps are not seconds
+MIN_FRAME_STEP_S = 1e-3    # frames closer than 1 ms (> 1000 Hz): not a camera stream in seconds
+MAX_FRAME_STEP_S = 10.0    # frames more than 10 s apart: another unit, or two recordings in one file
+MIN_FOCAL_FRACTION = 0.05  # fx, fy >= 0.05 x image width (a pinhole field of view of ~169 deg)
+MAX_FOCAL_FRACTION = 50.0  # fx, fy <= 50 x image width (~1.1 deg: beyond any telephoto lens)
 
 
 class CalibrationError(DataError):
@@ -96,12 +118,32 @@ class CameraRig:
 
 # ------------------------------------------------------------------------------------ parsing
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 4, 60, 60
+
+
 def _short(value: Any, n: int = 60) -> str:
-    s = repr(value)
+    s = _REPR.repr(value)  # bounded: a YAML alias bomb or a huge list is never repr'd whole
     return s if len(s) <= n else s[:n] + "..."
 
 
+def _count_numbers(value: Any, limit: int) -> int:
+    """Leaves of nested lists/tuples ``value``, counting stops past ``limit`` (so that a huge list, or
+    a YAML alias bomb, is refused before numpy converts it)."""
+    if not isinstance(value, (list, tuple)):
+        return 1
+    n = 0
+    for v in value:  # per item: stops early
+        n += _count_numbers(v, limit - n)
+        if n > limit:
+            break
+    return n
+
+
 def _matrix(value: Any, shape: tuple, where: str) -> np.ndarray:
+    if _count_numbers(value, 4 * int(np.prod(shape))) > 4 * int(np.prod(shape)):
+        raise CalibrationError(f"{where}: expected a {'x'.join(map(str, shape))} array of numbers, "
+                               f"got {_short(value)}")
     try:
         a = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -143,7 +185,45 @@ def _rigid(d: dict, matrix_key: str, where: str) -> np.ndarray:
     return pose_matrix(q / norm, t)
 
 
+def _no_duplicate_keys(src: str):
+    """``object_pairs_hook`` for :func:`json.loads` that refuses a key given twice in one object."""
+    def hook(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise CalibrationError(f"{src}: key {k!r} is given twice in one object (in the object "
+                                       f"with keys {_short([p[0] for p in pairs], 120)}); give it once")
+            seen.add(k)
+        return dict(pairs)
+    return hook
+
+
+def _yaml_loader(src: str):
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (naming the line)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:  # per key: merge keys ('<<') may override
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    except TypeError:  # unhashable: SafeLoader's own message
+                        continue
+                    if first != key_node.start_mark.line + 1:
+                        raise CalibrationError(f"{src}: line {key_node.start_mark.line + 1}: key {key!r} is "
+                                               f"given twice in one mapping (first at line {first}); give it once")
+            return super().construct_mapping(node, deep=deep)
+    return UniqueKeyLoader
+
+
 def _read_mapping(path: Path) -> dict:
+    from raydn.limits import MAX_CALIBRATION_FILE_BYTES, check_file_size
+    check_file_size(path, MAX_CALIBRATION_FILE_BYTES, "calibration file", CalibrationError)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -157,14 +237,20 @@ def _read_mapping(path: Path) -> dict:
             raise CalibrationError(f"{path}: reading YAML needs PyYAML (pip install 'raydn[infer]'); "
                                    "or give the same content as JSON") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader(str(path)))  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as e:
-            raise CalibrationError(f"{path}: not valid YAML: {e}") from None
+            raise CalibrationError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except RecursionError:
+            raise CalibrationError(f"{path}: nested too deeply to read (a calibration file is a few "
+                                   "levels deep: cameras, frames, matrices)") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys(str(path)))
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}: not valid JSON: {e}") from None
+        except RecursionError:
+            raise CalibrationError(f"{path}: nested too deeply to read (a calibration file is a few "
+                                   "levels deep: cameras, frames, matrices)") from None
     if not isinstance(data, dict):
         raise CalibrationError(f"{path}: expected a mapping with 'cameras' and 'frames' at the top, "
                                f"got {type(data).__name__}")
@@ -265,7 +351,71 @@ def load_camera_rig(path: str | os.PathLike, frames_dir: str | os.PathLike | Non
     for j, f in enumerate(data["frames"]):  # per frame: parsing
         frames.append(_frame(f, j, src, cams, root, prev))
         prev = frames[-1].timestamp
+    check_timestamp_unit([f.timestamp for f in frames], src)
     return CameraRig(src, cams, tuple(frames))
+
+
+def _unit_of(value: float, absolute: bool) -> tuple[str, float]:
+    """(likely unit, its divisor to seconds) of a timestamp (``absolute``: since 1970, now ~1.7e9 s)
+    or of a step between frames (typically 0.01 .. 1 s) that is too large to be seconds."""
+    scale = 1e10 if absolute else 1.0
+    if value >= 1e7 * scale:
+        return "nanoseconds", 1e9
+    if value >= 1e4 * scale:
+        return "microseconds", 1e6
+    return "milliseconds", 1e3
+
+
+def check_timestamp_unit(timestamps, src: str) -> None:
+    """Raise :class:`CalibrationError` when the (strictly increasing) frame timestamps cannot be
+    seconds: a value above :data:`MAX_EPOCH_SECONDS`, or a step between frames outside
+    [:data:`MIN_FRAME_STEP_S`, :data:`MAX_FRAME_STEP_S`]; the message names the likely unit."""
+    t = np.asarray(timestamps, dtype=np.float64)
+    hint = "; nuScenes raw timestamps are microseconds: divide them by 1e6"
+    big = np.nonzero(np.abs(t) > MAX_EPOCH_SECONDS)[0]
+    if big.size:
+        j = int(big[0])
+        unit, factor = _unit_of(abs(float(t[j])), True)
+        raise CalibrationError(f"{src}: frames[{j}]: field 'timestamp' {float(t[j])!r} is not in seconds "
+                               f"(it would be after the year 5000); it looks like {unit} since 1970: "
+                               f"divide by {factor:g}{hint}")
+    if t.size < 2:
+        return
+    dt = np.diff(t)
+    med = float(np.median(dt))
+    if med > MAX_FRAME_STEP_S:
+        unit, factor = _unit_of(med, False)
+        raise CalibrationError(f"{src}: field 'timestamp': frames are {med:g} apart (median step), more than "
+                               f"{MAX_FRAME_STEP_S:g} s: the timestamps look like {unit}, not seconds: "
+                               f"divide by {factor:g}{hint}")
+    if med < MIN_FRAME_STEP_S:
+        raise CalibrationError(f"{src}: field 'timestamp': frames are {med:.3g} s apart (median step), less than "
+                               f"{MIN_FRAME_STEP_S * 1e3:g} ms (over 1000 frames per second): the timestamps "
+                               "look like another unit than seconds (expected seconds, e.g. 0.05 .. 0.5 s "
+                               "between camera frames)")
+    j = int(np.argmax((dt > MAX_FRAME_STEP_S) | (dt < MIN_FRAME_STEP_S)))
+    if dt[j] > MAX_FRAME_STEP_S or dt[j] < MIN_FRAME_STEP_S:
+        raise CalibrationError(f"{src}: frames[{j + 1}]: field 'timestamp' is {float(dt[j]):.6g} s after "
+                               f"frames[{j}]'s (the median step is {med:.3g} s); expected "
+                               f"{MIN_FRAME_STEP_S * 1e3:g} ms .. {MAX_FRAME_STEP_S:g} s between frames "
+                               "of one continuous recording (give one file per recording)")
+
+
+def check_intrinsics(K: np.ndarray, width: int, height: int, where: str) -> None:
+    """Raise :class:`CalibrationError` when the pinhole ``K`` (3, 3) cannot belong to a
+    ``width`` x ``height`` image: principal point outside the image, or ``fx``/``fy`` outside
+    [:data:`MIN_FOCAL_FRACTION`, :data:`MAX_FOCAL_FRACTION`] x ``width``."""
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+    if not (0.0 <= cx <= width and 0.0 <= cy <= height):
+        raise CalibrationError(f"{where}: field 'intrinsics': principal point (cx, cy) = ({cx:g}, {cy:g}) is "
+                               f"outside the {width}x{height} image; are the intrinsics for another image size?")
+    lo, hi = MIN_FOCAL_FRACTION * width, MAX_FOCAL_FRACTION * width
+    for name, f in (("fx", fx), ("fy", fy)):  # per focal length
+        if not lo <= f <= hi:
+            raise CalibrationError(f"{where}: field 'intrinsics': {name} = {f:g} pixels is outside "
+                                   f"[{lo:g}, {hi:g}] ({MIN_FOCAL_FRACTION:g}x .. {MAX_FOCAL_FRACTION:g}x the "
+                                   f"image width {width}); no camera has such a focal length: is it in "
+                                   "pixels, for this image size?")
 
 
 # ------------------------------------------------------------------------------------ frames
@@ -297,9 +447,10 @@ class CameraRigFrames(torch.utils.data.Dataset):
         self.world_origin = (rig.frames[0].vehicle_to_world[:3, 3].copy() if relative_world
                              else np.zeros(3))
         sizes = []
-        for c in rig.cameras:  # per camera: image size from the file or the first frame
+        for i, c in enumerate(rig.cameras):  # per camera: image size from the file or the first frame
             wh = c.image_size or _open_size(rig.frames[0].images[len(sizes)],
                                             f"{rig.source}: frames[0] camera '{c.name}'")
+            check_intrinsics(c.intrinsics, int(wh[0]), int(wh[1]), f"{rig.source}: cameras[{i}] ({c.name})")
             sizes.append((int(wh[1]), int(wh[0])))                        # (H, W)
         self.src_sizes = tuple(sizes)
         self.params = tuple(eval_transform_params(aug, s) for s in sizes)

@@ -17,7 +17,6 @@ restarts at the first missing split.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from raydn.errors import DataError
-from raydn.io import atomic_write_json
+from raydn.io import OutputFolder, atomic_write_json, describe_holder
 from raydn.geometry import CAMERA_NAMES
 
 #: mmdet3d ``NuScenesDataset.NameMapping``.
@@ -301,37 +300,15 @@ def prepare_infos(dataroot, version: str, out_dir, progress: bool = True, force:
     root = str(dataroot)
     vdir = check_dataroot(dataroot, version)
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with _exclusive(out):
-            return _prepare_locked(root, vdir, version, out, progress, force, image_size)
-    except BaseException:
-        if created and not any(out.iterdir()):  # a failed first run leaves no empty folder behind
-            out.rmdir()
-        raise
 
-
-@contextlib.contextmanager
-def _exclusive(folder: Path):
-    """One ``prepare`` at a time per output folder: a second one waits (saying so), then finds the
-    pickles up to date and returns at once. ``fcntl.flock`` on the folder itself (no lock file),
-    released by the OS if the process dies."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: atomic writes still keep every file whole
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"raydn prepare: another prepare is writing into {folder}; waiting for it", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    def waiting(holder):
+        print(f"raydn prepare: another {describe_holder(holder)} is writing into {out}; waiting for it",
+              flush=True)
+    # one prepare at a time per output folder: a second one waits (saying so), then finds the pickles
+    # up to date and returns at once; a failed first run leaves no empty folder behind (raydn.io)
+    # (only the folder's own files are searched for leftovers: it is often the dataroot itself)
+    with OutputFolder(out, "prepare", wait=True, on_wait=waiting, depth=0):
+        return _prepare_locked(root, vdir, version, out, progress, force, image_size)
 
 
 def _prepare_locked(root: str, vdir: Path, version: str, out: Path, progress: bool, force: bool,

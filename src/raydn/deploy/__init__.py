@@ -11,7 +11,8 @@ Same streaming API as :class:`raydn.models.detector.RayDNDetector`::
 The state is a :class:`~raydn.models.state.TemporalState` of CPU torch tensors with the PyTorch
 model's layout and frames (float64 timestamps), so the two back ends can hand a stream to each
 other. Shapes are those fixed at export (batch size, cameras, image size: ``self.metadata``);
-anything else is rejected with a message naming the tensor.
+anything else is rejected with a message naming the tensor. At load the two graphs and the metadata
+are verified to be one export, unmodified (:mod:`raydn.deploy.verify`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ import numpy as np
 import torch
 
 from raydn.data.batch import FrameBatch
-from raydn.interop.export import (
-    ENCODER_FILE, HEAD_FILE, STATE_FIELDS, ExportError, head_step_inputs, read_metadata,
-)
+from raydn.interop.export import STATE_FIELDS, ExportError, head_step_inputs, read_metadata
 from raydn.models.state import TemporalState
 
 __all__ = ["OnnxDetector"]
@@ -65,12 +64,14 @@ class OnnxDetector:
         providers = providers or ["CPUExecutionProvider"]
         files = meta["files"]
         try:
-            self.encoder = ort.InferenceSession(os.path.join(onnx_dir, files.get("encoder", ENCODER_FILE)),
+            self.encoder = ort.InferenceSession(os.path.join(onnx_dir, files["encoder"]),
                                                 so, providers=providers)
-            self.head = ort.InferenceSession(os.path.join(onnx_dir, files.get("head_step", HEAD_FILE)),
+            self.head = ort.InferenceSession(os.path.join(onnx_dir, files["head_step"]),
                                              so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ExportError(f"{onnx_dir}: onnxruntime cannot load the graphs ({e})") from None
+        from raydn.deploy.verify import verify_export
+        verify_export(onnx_dir, meta, {"encoder": self.encoder, "head_step": self.head})
         self.batch_size = int(meta["batch_size"])
         self.num_cams = int(meta["num_cams"])
         self.image_size = tuple(meta["image_size"])
@@ -147,6 +148,8 @@ class OnnxDetector:
             d = {"boxes": torch.from_numpy(outs["boxes"][b][keep]),
                  "scores": torch.from_numpy(outs["scores"][b][keep]),
                  "labels": torch.from_numpy(outs["labels"][b][keep].astype(np.int64))}
+            if "query" in outs:  # exports from raydn >= the query-id outputs
+                d["query"] = torch.from_numpy(outs["query"][b][keep].astype(np.int64))
             dets.append(d if radius is None else apply_bev_nms(d, radius))
         return dets
 

@@ -25,14 +25,18 @@ from raydn.errors import DataError
 @torch.no_grad()
 def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: int = 1,
                      num_workers: int = 2, progress: bool = True, limit: int | None = None,
-                     keep_batches: set | None = None, nms: bool = True) -> tuple[list[dict | None], dict]:
+                     keep_batches: set | None = None, nms: bool = True,
+                     with_selection: bool = False) -> tuple[list[dict | None], dict]:
     """Run ``model.predict`` over ``dataset`` in scene order (``nms=False``: without the preset's
     BEV NMS, see :meth:`raydn.models.detector.RayDNDetector.predict`).
 
     Returns ``(detections, batches)``: ``detections[i]`` for dataset index ``i`` (dict with CPU
     tensors ``boxes`` (k, 9) LiDAR frame gravity centre, ``scores``, ``labels``) — gathered from
     every rank onto every rank under DDP — and the CPU ``FrameBatch`` of the indices in
-    ``keep_batches`` (for rendering). ``limit`` stops after that many frames (per rank)."""
+    ``keep_batches`` (for rendering). ``limit`` stops after that many frames (per rank).
+    ``with_selection``: each dict also has ``query`` (k,) (always there), ``memory_index`` (K,)
+    (the model's :class:`~raydn.models.decode.Selection`) and ``new_sequence`` (a bool: the memory
+    was reset at this frame, a scene or rank-chunk start) -- what the memory tracker follows."""
     from raydn.data.loader import build_eval_loader
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -50,8 +54,12 @@ def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: 
         if limit is not None and n >= limit:
             break
         idx = int(batch.meta[0]["index"])
-        dets, state = model.predict(batch.to(device), state, nms=nms)
-        mine.append((idx, {k: v.detach().cpu() for k, v in dets[0].items()}))
+        if with_selection:
+            dets, state, sel = model.predict(batch.to(device), state, nms=nms, with_selection=True)
+            dets[0].update(memory_index=sel.memory_index[0], new_sequence=bool(batch.prev_exists[0] == 0))
+        else:
+            dets, state = model.predict(batch.to(device), state, nms=nms)
+        mine.append((idx, {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in dets[0].items()}))
         if keep_batches and idx in keep_batches:
             batches[idx] = batch
         if bar is not None:

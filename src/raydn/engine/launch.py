@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,11 +45,35 @@ def _worker(rank: int, opts: TrainOptions, world: int, port: int, threads: int) 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     torch.set_num_threads(threads)
+    from raydn import termination
     from raydn.engine.train import train
-    result = train(replace(opts, progress=opts.progress and rank == 0))
+    from raydn.errors import Terminated
+    try:
+        with termination.handlers():  # SIGTERM: every rank stops at one iteration, with a checkpoint
+            result = train(replace(opts, progress=opts.progress and rank == 0))
+    except Terminated as e:
+        sys.exit(128 + e.signum)  # the parent turns this exit status back into Terminated
     if rank == 0:
         from raydn.io import atomic_write_json
         atomic_write_json(Path(opts.out_dir) / _RESULT, result)
+
+
+#: seconds the training processes get to save a checkpoint and leave after a SIGTERM
+_GRACE_S = 60.0
+
+
+def _stop(processes) -> None:
+    """SIGTERM the live ``processes`` (they save and leave: :mod:`raydn.termination`), SIGKILL those
+    still alive after :data:`_GRACE_S` seconds."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + _GRACE_S
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def train_local_processes(opts: TrainOptions, procs: int, threads_per_proc: int | None = None) -> dict:
@@ -71,8 +98,19 @@ def train_local_processes(opts: TrainOptions, procs: int, threads_per_proc: int 
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        mp.start_processes(_worker, args=(opts, procs, _free_port(), threads), nprocs=procs,
-                           join=True, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(opts, procs, _free_port(), threads), nprocs=procs,
+                                 join=False, start_method="spawn")
+        try:
+            while not ctx.join(grace_period=_GRACE_S):
+                pass
+        except mp.ProcessExitedException as e:
+            if e.exit_code - 128 in (signal.SIGTERM, signal.SIGHUP):
+                from raydn.errors import Terminated
+                raise Terminated(e.exit_code - 128) from None
+            raise
+        except BaseException:  # this process interrupted (SIGTERM, Ctrl-C): no child outlives it
+            _stop(ctx.processes)
+            raise
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)

@@ -3,9 +3,10 @@ and writing them so that a failed write (full disk, ``kill -9``) never costs the
 
 Layout written by the trainer: ``iter_0000500.pt`` (every ``ckpt_interval`` iterations) and
 ``latest.pt`` (a copy of the newest), plus ``*.rank{r}.pt`` per-rank files under DDP. Every file is
-written to a temporary ``.{name}.XXXX.pt`` beside it and renamed into place (``raydn.io``), so a
-file with a final name is always complete; a process killed mid-write leaves only the temporary file,
-which :func:`clean_stale_temp_files` removes at the next start.
+written to a temporary ``.{name}.XXXXXXXX.raydn-tmp.pt`` beside it and renamed into place
+(``raydn.io``), so a file with a final name is always complete; a process killed mid-write leaves
+only the temporary file, which the next run removes when it opens the folder (:func:`open_run_folder`:
+the folder's lock, then :func:`clean_stale_temp_files`).
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from raydn.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from raydn.io import OutputFolder
+
 _ITER_RE = re.compile(r"^iter_(\d{7})\.pt$")
-#: temporary files of :func:`raydn.io.atomic_path` for checkpoint names (``.iter_0000003.k2j4.pt``)
-_TEMP_RE = re.compile(r"^\.(iter_\d{7}|latest)(\.rank\d+)?\.[A-Za-z0-9_]+\.pt$")
 
 
 def iteration_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -32,21 +34,36 @@ def iteration_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def clean_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
-    """Remove temporary checkpoint files left by an interrupted write (``kill -9`` mid-save);
-    returns the removed paths. Only names of the form ``.iter_NNNNNNN[.rankR].XXXX.pt`` /
-    ``.latest[.rankR].XXXX.pt`` are touched."""
-    out_dir = Path(out_dir)
-    removed = []
-    if not out_dir.is_dir():
-        return removed
-    for p in out_dir.iterdir():
-        if _TEMP_RE.match(p.name) and p.is_file():
-            try:
-                p.unlink()
-                removed.append(p)
-            except FileNotFoundError:
-                pass
-    return removed
+    """Remove temporary files left by an interrupted write (``kill -9`` mid-save); returns the removed
+    paths. :func:`raydn.io.clean_stale_temp_files` (the one implementation; only the temporary names
+    of :mod:`raydn.io` are touched) -- the trainer gets it through :func:`open_run_folder`."""
+    from raydn.io import clean_stale_temp_files as clean
+    return clean(out_dir)
+
+
+def open_run_folder(out_dir: str | os.PathLike, is_main: bool = True) -> "OutputFolder | None":
+    """Open the run folder of a training run for its lifetime (:class:`raydn.io.OutputFolder`):
+    created, locked against a second ``raydn train`` (which fails at once with
+    :class:`~raydn.errors.FolderBusyError` naming this process), temporary files of interrupted
+    writes removed (printed). Under DDP only the main rank takes the lock (the ranks share the
+    folder legitimately); the others learn the outcome from it so that all ranks fail alike.
+    Returns the open folder (main rank) or ``None``; close it when the run ends."""
+    from raydn.engine.distributed import broadcast_int
+    from raydn.errors import FolderBusyError
+    from raydn.io import OutputFolder
+    folder, error = None, None
+    if is_main:
+        try:
+            folder = OutputFolder(out_dir, "train").open()
+        except FolderBusyError as e:
+            error = e
+        else:
+            for stale in folder.removed:
+                print(f"removed {stale.relative_to(folder.path)}, a write that did not finish", flush=True)
+    if broadcast_int(0 if is_main and error is None else 1) != 0:
+        raise error if error is not None else FolderBusyError(
+            f"another raydn train is writing into {out_dir} (rank 0 could not lock it)")
+    return folder
 
 
 def _rank_file(path: Path, rank: int) -> Path:
@@ -141,5 +158,6 @@ def _newest_intact(folder: Path, load, exclude: Path):
     return None
 
 
-__all__ = ["clean_stale_temp_files", "find_resume_checkpoint", "iteration_checkpoints", "prune_checkpoints",
+__all__ = ["clean_stale_temp_files", "find_resume_checkpoint", "iteration_checkpoints", "open_run_folder",
+           "prune_checkpoints",
            "save_or_explain"]

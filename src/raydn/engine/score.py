@@ -35,7 +35,8 @@ def score_submission_file(submission, *, infos_path, dataroot, version: str | No
     if not os.path.isdir(os.path.join(os.fspath(dataroot), version)):
         raise DataError(f"{Path(dataroot) / version}: nuScenes tables not found (--dataroot {dataroot}, "
                         f"version {version})")
-    validate_submission(submission, [rec["token"] for rec in info["infos"]])
+    validate_submission(submission, [rec["token"] for rec in info["infos"]],
+                        ego_translation={rec["token"]: rec["ego2global_translation"] for rec in info["infos"]})
     out = Path(out_dir) if out_dir else Path(submission).resolve().parent
     return evaluate_submission(submission, dataroot=dataroot, version=version, eval_set=eval_set,
                                out_dir=out, evaluator=evaluator, plots=plots)

@@ -18,10 +18,12 @@ the end: an interrupted or failed run leaves no partial file)::
 ``box``: gravity-centre box in the vehicle-fixed frame the model works in (nuScenes: the LIDAR_TOP
 frame of the sample; own cameras: the calibration file's vehicle frame), metres, radians, m/s.
 ``box_global``: the same box in the world frame (``ego_pose`` of the frame, float64; own cameras:
-the calibration file's world frame). ``id``: the memory track id (see
-:mod:`raydn.engine.query_ids`): a detection made by a query propagated from the memory keeps the
-id that query got when it was first inserted (both backends: the onnxruntime step graph returns the
-last layer's logits and boxes too); ``null`` where a backend cannot report them.
+the calibration file's world frame). ``id``: the track id of the chosen tracker
+(``tracker='memory'``, default: the memory query's id, which a detection made by a query
+propagated from the memory keeps from the frame it was first inserted; ``'velocity'``:
+CenterPoint's greedy tracker; see :mod:`raydn.engine.tracking`); ``null`` for a detection that is
+not part of a track, or where a backend cannot report the model's selection (an export made before
+the ``query`` / ``memory_index`` outputs).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 from raydn.data.frames import collate_frames
-from raydn.engine.query_ids import QueryIdTracker
+from raydn.engine.tracking import TrackFrame, build_tracker
 from raydn.errors import DataError, RaydnError
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, transform_points
 
@@ -51,8 +53,7 @@ __all__ = ["TorchBackend", "OnnxBackend", "open_backend", "boxes_to_global", "fr
 
 class TorchBackend:
     """A :class:`~raydn.models.detector.RayDNDetector` in eval mode. ``step`` returns the model's
-    own ``predict`` output plus the last decoder layer of the head (captured by a forward hook,
-    for the query ids) without running anything twice."""
+    own ``predict`` output and the :class:`~raydn.models.decode.Selection` it made (for the ids)."""
 
     name = "torch"
 
@@ -64,28 +65,16 @@ class TorchBackend:
         self.num_cams = int(head.num_cams)
         self.class_names = tuple(CLASS_NAMES[:head.num_classes])
         self.preset = getattr(model, "preset", None)
-        self._head_cfg = head
-        self._captured: dict = {}
-        model.pts_bbox_head.register_forward_hook(self._capture)
-
-    def _capture(self, module, args, output) -> None:
-        out = output[0]
-        self._captured["cls"] = out["all_cls_scores"][-1]
-        self._captured["box"] = out["all_bbox_preds"][-1]
-
-    def tracker(self, batch_size: int = 1) -> QueryIdTracker:
-        return QueryIdTracker.for_head(self._head_cfg, batch_size)
+        self.head_sizes = {k: int(getattr(head, k)) for k in ("num_query", "num_propagated", "memory_len")}
 
     def init_state(self, batch_size: int = 1):
         return self.model.init_state(batch_size, self.device)
 
     @torch.no_grad()
     def step(self, batch, state):
-        """-> (detections (list of dicts, CPU), state, cls_last (B, Q+P, K), bbox_last (B, Q+P, 10))."""
-        self._captured.clear()
-        dets, state = self.model.predict(batch.to(self.device), state)
-        cls, box = self._captured.pop("cls"), self._captured.pop("box")
-        return [{k: v.detach().cpu() for k, v in d.items()} for d in dets], state, cls, box
+        """-> (detections (list of dicts, CPU), state, :class:`~raydn.models.decode.Selection`)."""
+        dets, state, sel = self.model.predict(batch.to(self.device), state, with_selection=True)
+        return [{k: v.detach().cpu() for k, v in d.items()} for d in dets], state, sel
 
 
 class OnnxBackend:
@@ -105,25 +94,22 @@ class OnnxBackend:
         self.class_names = tuple(self.det.class_names)
         self.preset = self.det.preset
         self._meta = meta
-
-    def tracker(self, batch_size: int = 1) -> QueryIdTracker | None:
-        m = self._meta
-        need = ("num_query", "num_propagated", "memory_len", "topk_proposals", "max_num")
-        if not all(k in m for k in need):
-            return None
-        return QueryIdTracker(batch_size, num_query=m["num_query"], num_propagated=m["num_propagated"],
-                              memory_len=m["memory_len"], topk=m["topk_proposals"], max_num=m["max_num"],
-                              post_center_range=m.get("post_center_range"), nms_radius=m.get("nms_radius"))
+        need = ("num_query", "num_propagated", "memory_len")
+        self.head_sizes = {k: int(meta[k]) for k in need} if all(k in meta for k in need) else None
 
     def init_state(self, batch_size: int = 1):
         return self.det.init_state(batch_size)
 
     def step(self, batch, state):
+        """-> (detections, state, :class:`~raydn.models.decode.Selection` or None: an export
+        without the ``query`` / ``memory_index`` outputs)."""
+        from raydn.models.decode import Selection
         outs, state = self.det.step(batch, state)
         dets = self.det.detections(outs)
-        cls = torch.from_numpy(outs["cls_logits"]) if "cls_logits" in outs else None
-        box = torch.from_numpy(outs["bbox_preds"]) if "bbox_preds" in outs else None
-        return dets, state, cls, box
+        sel = None
+        if "memory_index" in outs and all("query" in d for d in dets):
+            sel = Selection.of(dets, torch.from_numpy(outs["memory_index"]))
+        return dets, state, sel
 
 
 def open_backend(backend: str, *, checkpoint=None, onnx_dir=None, device=None, model=None):
@@ -182,7 +168,8 @@ def frame_record(frame: int, meta: dict, timestamp: float, new_sequence: bool, d
         rec.update(scene=scene, sample_token=meta["sample_token"])
     labels = det["labels"][keep].tolist()
     scores = np.round(det["scores"][keep].double().numpy(), 6).tolist()
-    ids_l = ids[keep].tolist() if ids is not None else [None] * len(labels)
+    ids_l = ([None if i < 0 else i for i in torch.as_tensor(ids)[keep].tolist()] if ids is not None
+             else [None] * len(labels))
     b = np.round(boxes.double().numpy(), 4).tolist()
     gl = np.round(g.numpy(), 4).tolist()
     rec["detections"] = [  # serialisation is per detection by nature
@@ -260,8 +247,8 @@ def _build_records(dataroot, version: str, scene_tokens: Sequence[str]) -> list[
     try:
         from nuscenes.nuscenes import NuScenes
     except ImportError:
-        raise DataError("reading a dataroot without --infos needs nuscenes-devkit "
-                        "(pip install 'raydn[nuscenes]'); or pass --infos from `raydn prepare`") from None
+        raise DataError("reading a dataroot without --data needs nuscenes-devkit "
+                        "(pip install 'raydn[nuscenes]'); or pass --data INFOS from `raydn prepare`") from None
     from raydn.data.prepare import build_info
     nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
     records = []
@@ -310,10 +297,47 @@ def _video_fps(frames_dataset, default: float = 2.0) -> float:
     return float(min(60.0, max(1.0, round(1.0 / dt)))) if dt > 0 else default
 
 
+class _LoadFailure:
+    """A :class:`RaydnError` raised while a frame was loaded (in a DataLoader worker process, too),
+    carried to the main process as a value (its class and one-line message: picklable) and raised
+    there as itself -- not as a worker traceback."""
+
+    def __init__(self, error: RaydnError):
+        self.cls, self.message = type(error), str(error)
+
+    def error(self) -> RaydnError:
+        try:
+            return self.cls(self.message)
+        except Exception:  # a subclass with another constructor
+            return RaydnError(self.message)
+
+
+class _CatchLoadErrors(torch.utils.data.Dataset):
+    """``frames`` whose items are :class:`_LoadFailure` instead of raising a :class:`RaydnError`."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        try:
+            return self.frames[i]
+        except RaydnError as e:
+            return _LoadFailure(e)
+
+
+def _collate_or_failure(items):
+    failed = [it for it in items if isinstance(it, _LoadFailure)]
+    return failed[0] if failed else collate_frames(items)
+
+
 def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: float | None = None,
                score_thr: float = 0.3, aug=None, scene_names: dict | None = None,
                num_workers: int = 0, limit: int | None = None, progress: bool = True,
-               on_frame: Callable[[int, dict], None] | None = None) -> StreamReport:
+               on_frame: Callable[[int, dict], None] | None = None, tracker: str = "memory",
+               birth_score: float = 0.0, keep_score: float = 0.0) -> StreamReport:
     """Run ``backend`` over the dataset ``frames`` (items :class:`FrameInputs`, in stream order)
     one frame at a time and write the outputs.
 
@@ -321,7 +345,15 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
     ``video``: MP4 path (atomic; ``fps`` default: the rig's frame rate, 2 Hz for nuScenes
     keyframes); ``score_thr``: detections kept in the JSON and drawn; ``aug``: the
     :class:`AugConfig` (for the image mean/std when rendering); ``on_frame(n, record)``: called
-    after every frame (memory probes). Nothing is kept per frame (flat memory on long streams)."""
+    after every frame (memory probes); ``tracker``: ``'memory'`` or ``'velocity'`` (the ``id`` of
+    every detection, :mod:`raydn.engine.tracking`; ``birth_score`` / ``keep_score`` its thresholds).
+    Nothing is kept per frame (flat memory on long streams; the drawn track paths keep a few
+    recent positions of the live tracks).
+
+    A frame that cannot be loaded (in the main process or a loader worker) raises its own
+    :class:`RaydnError` (one line naming the file), and a failed or interrupted run leaves no output:
+    the JSON lines and the video are written through temporary files, and the pictures this run
+    wrote under ``render_dir`` are removed again (with the folder, if the run created it)."""
     from torch.utils.data import DataLoader
 
     from raydn.io import atomic_path
@@ -331,16 +363,26 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
     aug = aug if aug is not None else getattr(frames, "aug", None)
     if (render_dir is not None or video is not None) and aug is None:
         raise ValueError("run_stream: rendering needs aug (image mean/std)")
-    loader = DataLoader(frames, batch_size=1, shuffle=False, collate_fn=collate_frames,
-                        num_workers=num_workers)
-    tracker = backend.tracker(1)
+    loader = DataLoader(_CatchLoadErrors(frames), batch_size=1, shuffle=False,
+                        collate_fn=_collate_or_failure, num_workers=num_workers)
     names = backend.class_names
+    sizes = getattr(backend, "head_sizes", None)
+    trk = None
+    if tracker == "velocity" or sizes is not None:
+        trk = build_tracker(tracker, head=sizes, class_names=names, birth_score=birth_score,
+                            keep_score=keep_score)
+    paths = None
+    if render_dir is not None or video is not None:
+        from raydn.viz.render import TrackPaths
+        paths = TrackPaths()
     scene_names = scene_names or {}
     if video is not None:
         from raydn.viz.video import VideoWriter
         fps = fps or _video_fps(frames)
+    pictures: list[Path] = []   # written by this run: removed again if it fails
     if render_dir is not None:
         render_dir = Path(render_dir)
+        created = not render_dir.exists()
         render_dir.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
@@ -349,8 +391,10 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
     t0 = time.time()
     n_det = 0
     video_frames = 0
-    have_ids = tracker is not None
+    have_ids = trk is not None
     with contextlib.ExitStack() as stack:
+        if render_dir is not None:
+            stack.push(lambda exc_type, exc, tb: _remove_pictures(exc_type, pictures, render_dir, created))
         if bar is not None:
             stack.callback(bar.close)
         fh = None
@@ -363,17 +407,23 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
         for n, batch in enumerate(loader):
             if n >= n_total:
                 break
-            dets, state, cls, box = backend.step(batch, state)
-            ids = None
-            if tracker is not None and cls is not None:
-                ids = tracker.step(batch.prev_exists, cls, box, dets,
-                                   memory_velo=state.velo[:, :tracker.K])[0]
-            else:
-                have_ids = False
+            if isinstance(batch, _LoadFailure):
+                raise batch.error()
+            dets, state, sel = backend.step(batch, state)
             meta = batch.meta[0]
             pose = batch.ego_pose[0].double()
             if "world_origin" in meta:
                 pose[:3, 3] += torch.as_tensor(meta["world_origin"], dtype=torch.float64)
+            ids = None
+            if trk is not None and (sel is not None or trk.name == "velocity"):
+                g = boxes_to_global(dets[0]["boxes"], pose).numpy()
+                ids = torch.from_numpy(trk.step(TrackFrame(
+                    bool(batch.prev_exists[0] == 0), float(batch.timestamp[0]), dets[0]["labels"],
+                    dets[0]["scores"], g[:, :2], g[:, 7:9],
+                    None if sel is None else sel.decode_index[0],
+                    None if sel is None else sel.memory_index[0])))
+            else:
+                have_ids = False
             rec = frame_record(n, meta, float(batch.timestamp[0]), bool(batch.prev_exists[0] == 0),
                                dets[0], ids, pose, names, score_thr,
                                scene=scene_names.get(meta.get("scene_token")))
@@ -381,16 +431,16 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
             if fh is not None:
                 fh.write(json.dumps(rec) + "\n")
             if render_dir is not None or vw is not None:
-                pic = _render(batch, dets[0], score_thr, aug, rec)
+                pic = _render(batch, dets[0], score_thr, aug, rec, paths, pose)
                 if render_dir is not None:
                     from raydn.viz.render import save_image_atomic
-                    save_image_atomic(pic, render_dir / f"{n:06d}.png")
+                    pictures.append(save_image_atomic(pic, render_dir / f"{n:06d}.png"))
                 if vw is not None:
                     vw.append(np.asarray(pic))
                     video_frames += 1
             if on_frame is not None:
                 on_frame(n, rec)
-            del batch, dets, cls, box, rec
+            del batch, dets, sel, rec
             if bar is not None:
                 bar.update(1)
         if fh is not None:
@@ -401,7 +451,20 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
                         render_dir, Path(video) if video else None, video_frames, have_ids)
 
 
-def _render(batch, det: dict, score_thr: float, aug, rec: dict):
+def _remove_pictures(exc_type, pictures: list[Path], render_dir: Path, created: bool) -> bool:
+    """ExitStack callback: on an error, remove the pictures this run wrote (and the folder if the
+    run created it and it is empty now); never swallows the error."""
+    if exc_type is not None:
+        for p in pictures:  # per file: this run's pictures only
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                render_dir.rmdir()
+    return False
+
+
+def _render(batch, det: dict, score_thr: float, aug, rec: dict, paths=None, pose=None):
     from raydn.viz.render import denormalize_images, render_frame
     meta = batch.meta[0]
     imgs = denormalize_images(batch.images[0], aug.img_mean, aug.img_std)
@@ -409,5 +472,10 @@ def _render(batch, det: dict, score_thr: float, aug, rec: dict):
     cams = meta.get("camera_names") or (CAMERA_NAMES if N == len(CAMERA_NAMES) else [f"cam{i}" for i in range(N)])
     title = f"{rec.get('scene') or 'frame'} #{rec['frame']}  t={rec['timestamp']:.2f}s  " \
             f"{len(rec['detections'])} >= {score_thr:g}"
+    ids = [d["id"] for d in rec["detections"]]
+    tracks = None
+    if paths is not None and any(i is not None for i in ids):
+        paths.update(rec["new_sequence"], ids, [d["box_global"][:2] for d in rec["detections"]])
+        tracks = paths.in_frame(ids, torch.linalg.inv(pose))
     return render_frame(imgs, batch.lidar2img[0], det, score_threshold=score_thr, title=title,
-                        camera_names=tuple(cams))
+                        camera_names=tuple(cams), tracks=tracks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
@@ -24,10 +25,13 @@ from torch import nn
 
 from raydn.engine.checkpoint import (FORMAT, atomic_torch_save, capture_rng_state, restore_rng_state,
                                      safe_torch_load)
+from raydn import termination
 from raydn.engine import run_files
+from raydn import run_config
 from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_int,
-                                      cleanup_distributed, setup_distributed)
+                                      cleanup_distributed, peer_lost_error, setup_distributed)
 from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
+from raydn.io import atomic_write_text
 from raydn.models.state import TemporalState
 from raydn.presets import Preset, build_model, get_preset
 
@@ -47,8 +51,17 @@ class TrainOptions:
     ckpt_interval: int = 500
     log_interval: int = 10
     resume: str | None = None           # a checkpoint path or "auto" (latest in out_dir)
+    # initialisation of a fresh run (raydn.engine.initialisation; not applied when resuming):
+    # backbone weights (mmdet / torchvision / official detector file), whole-detector weights loaded
+    # non-strictly (mmcv load_from), or random weights on purpose (an official preset needs one)
+    pretrained: str | None = None
+    load_from: str | None = None
+    from_scratch: bool = False
     amp: str | None = None              # 'fp16' | 'bf16' | 'none' (default: recipe on GPU, none on CPU)
     device: str | None = None
+    # read checkpoint files given to the run (--pretrained / --load-from) with full unpickling
+    # (torch.load weights_only=False); only for files you trust (raydn.safe_load)
+    trust_checkpoint: bool = False
     grad_checkpoint: bool | None = None
     progress: bool = True
     tensorboard: bool = True
@@ -69,6 +82,12 @@ class TrainOptions:
     # otherwise up to ~10x slower on x86); no effect on values above 1.2e-38
     flush_denormal: bool = True
     keep_last: int | None = None        # keep only the newest N iter_*.pt checkpoints (None: all)
+    # seconds a DDP collective waits for the other processes before the run ends with
+    # PeerLostError (None: RAYDN_DIST_TIMEOUT, else raydn.engine.distributed.DEFAULT_TIMEOUT_S)
+    dist_timeout_s: float | None = None
+    # where the configuration came from (``raydn train``: preset, --config file, --set list, flags);
+    # recorded with it in the run folder's config.yaml (raydn.run_config)
+    config_provenance: dict = field(default_factory=dict)
 
 
 def _jsonable(o):
@@ -114,8 +133,11 @@ def _autocast_dtype(amp: str | None, device: torch.device, recipe: str) -> torch
 class Trainer:
     """Holds everything of one run; :meth:`run` trains to the end (or ``stop_after``)."""
 
-    def __init__(self, opts: TrainOptions, dist_info: DistInfo | None = None):
+    def __init__(self, opts: TrainOptions, dist_info: DistInfo | None = None, dry_run: bool = False):
+        """``dry_run``: build everything (model, initialisation, data, sampler, optimizer) but create
+        no run folder, fill no stem cache and write nothing (:mod:`raydn.engine.dry_run`)."""
         from raydn.data.dataset import NuScenesStreamingDataset
+        from raydn.engine.initialisation import plan_initialisation, will_resume
         from raydn.data.loader import build_train_loader
 
         self._t_created = time.time()  # the time budget counts set-up (stem cache) too
@@ -124,6 +146,11 @@ class Trainer:
         self.preset: Preset = get_preset(opts.preset)
         recipe = self.preset.train
         self.out_dir = Path(opts.out_dir)
+        self.dry_run = bool(dry_run)
+        # the initialisation is checked before any work: an official preset without its weights
+        # (or --from-scratch) stops here, before the data is read and the run folder exists
+        self.init_plan = plan_initialisation(self.preset, opts, will_resume(self.out_dir, opts.resume),
+                                             replace(self.preset.model, **opts.model_overrides))
 
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed)
@@ -136,10 +163,18 @@ class Trainer:
         # bad data stops here, before the run folder exists: missing or truncated camera images
         from raydn.data.validate import check_dataset_images
         check_dataset_images(self.dataset)
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in run_files.clean_stale_temp_files(self.out_dir):  # left by a kill mid-save
-                print(f"removed {stale.name}, a checkpoint write that did not finish", flush=True)
+        # the run folder: created, locked against a second run (released when this one ends or dies),
+        # leftovers of a killed write removed; a failure below leaves no empty folder behind
+        self._folder = None if self.dry_run else run_files.open_run_folder(self.out_dir, self.dist.is_main)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        from raydn.data.loader import build_train_loader
+        opts, recipe, world = self.opts, self.preset.train, self.dist.world_size
         self.schedule: Schedule = derive_schedule(
             num_train_frames=len(self.dataset), world_size=world, batch_per_gpu=self.batch_per_gpu,
             reference_total_batch=recipe.total_batch_size,
@@ -148,6 +183,7 @@ class Trainer:
             reference_warmup_iters=recipe.warmup_iters, max_iters=opts.max_iters)
         # resume: read the checkpoint first, the loader starts at the consumed iteration
         self._resume_ckpt, self._resume_path = self._find_resume(opts.resume)
+        self._check_resume_config()  # before anything is loaded or written
         start = int(self._resume_ckpt["iteration"]) if self._resume_ckpt is not None else 0
         self.loader = build_train_loader(
             self.dataset, batch_size=self.batch_per_gpu, rank=self.dist.rank, world_size=world,
@@ -155,22 +191,22 @@ class Trainer:
         self.sampler = self.loader.batch_sampler
 
         model = build_model(self.preset, **opts.model_overrides)
-        if model.cfg.backbone.pretrained and self._resume_ckpt is None:
-            report = model.load_pretrained_backbone()
-            if self.dist.is_main:
-                print(f"pretrained backbone: {report.summary().splitlines()[0]}", flush=True)
+        self._initialise(model)
         gc = recipe.grad_checkpoint if opts.grad_checkpoint is None else opts.grad_checkpoint
+        self.grad_checkpoint = bool(gc)
         _set_grad_checkpointing(model, gc)
         model.encoder_autocast = _autocast_dtype(opts.amp, self.dist.device, recipe.amp)
         self.model = model.to(self.dist.device).train()
-        self._setup_stem_cache()
+        if not self.dry_run:
+            self._setup_stem_cache()
         step = _TrainStep(self.model)
         if self.dist.distributed:
             with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; 2.11 lacks its successor
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 step = nn.parallel.DistributedDataParallel(
                     step, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
-                    find_unused_parameters=True, broadcast_buffers=False)
+                    find_unused_parameters=_may_leave_parameters_unused(self.model, self.dataset),
+                    broadcast_buffers=False)
         self.step_fn = step
         self.optimizer = build_optimizer(self.model, self.schedule.lr, recipe.weight_decay,
                                          recipe.backbone_lr_mult)
@@ -181,6 +217,28 @@ class Trainer:
         self.history: list[dict] = []
         if self._resume_ckpt is not None:
             self._resume(self._resume_ckpt, self._resume_path)
+
+    def _initialise(self, model) -> None:
+        """Load the planned initialisation into ``model`` (nothing when resuming); print the report
+        and write it to ``init_report.json`` in the run folder (rank 0)."""
+        from raydn.engine.initialisation import (apply_initialisation, format_init, init_report_json,
+                                                 plan_initialisation)
+        if self.init_plan.resuming != (self._resume_ckpt is not None):  # 'auto' found nothing usable
+            self.init_plan = plan_initialisation(self.preset, self.opts, self._resume_ckpt is not None,
+                                                 model.cfg)
+        self.init_reports = apply_initialisation(model, self.init_plan)
+        if self.dist.is_main and not self.dry_run:  # a dry run prints it in its summary
+            print(format_init(self.init_plan, self.init_reports), flush=True)
+            if not self.init_plan.resuming:
+                from raydn.io import atomic_write_json
+                atomic_write_json(self.out_dir / "init_report.json",
+                                  init_report_json(self.init_plan, self.init_reports), indent=2)
+
+    def lr_factor_at(self, iteration: int) -> float:
+        """Multiplier of every group's base lr at ``iteration`` (0-based) of this run's schedule."""
+        rc = self.preset.train
+        return lr_factor(iteration, self.schedule.max_iters, self.schedule.warmup_iters,
+                         rc.warmup_ratio, rc.min_lr_ratio)
 
     def _setup_stem_cache(self) -> None:
         """Fill the frozen-stem cache and stop decoding images when ``opts.stem_cache`` allows."""
@@ -204,6 +262,12 @@ class Trainer:
             print(f"stem cache: {len(cache)} frames, {cache.nbytes() / 2 ** 20:.0f} MiB, "
                   f"{time.time() - t:.1f} s (images are no longer decoded)", flush=True)
 
+    def close(self) -> None:
+        """Release the run folder (its lock); :meth:`run` does it when it ends."""
+        folder, self._folder = getattr(self, "_folder", None), None
+        if folder is not None:
+            folder.close()
+
     # -------------------------------------------------------------- checkpoints
     def checkpoint_path(self, iteration: int | None = None) -> Path:
         return self.out_dir / (f"iter_{iteration:07d}.pt" if iteration is not None else "latest.pt")
@@ -222,6 +286,7 @@ class Trainer:
                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict(), "schedule": self.schedule.as_dict(),
                     "world_size": self.dist.world_size, "config": json.dumps(_jsonable(self.preset)),
+                    "run_config": run_config.dump_yaml(self.run_config),
                     "options": json.dumps(_jsonable(self.opts)), "history": json.dumps(self.history),
                     **per_rank}
             run_files.save_or_explain(lambda: atomic_torch_save(ckpt, path), path, previous)
@@ -242,6 +307,32 @@ class Trainer:
         return run_files.find_resume_checkpoint(
             self.out_dir, where, lambda p: safe_torch_load(p, map_location="cpu"),
             warn=lambda m: print(m, flush=True) if self.dist.is_main else None)
+
+    @property
+    def run_config(self) -> "run_config.RunConfig":
+        """The configuration this run trains (:mod:`raydn.run_config`; what ``config.yaml`` records)."""
+        return run_config.from_train_options(self.opts, self.preset)
+
+    def _check_resume_config(self) -> None:
+        """A resume continues the run recorded in the checkpoint (else the folder's ``config.yaml``):
+        any difference of configuration stops here with the differing keys (:class:`ConfigError`),
+        before weights are loaded or a file is written."""
+        if self._resume_ckpt is None:
+            return
+        text, where = self._resume_ckpt.get("run_config"), str(self._resume_path)
+        if text is None and (self.out_dir / "config.yaml").is_file():
+            where = str(self.out_dir / "config.yaml")
+            text = (self.out_dir / "config.yaml").read_text()
+        if text is None:
+            if self.dist.is_main:
+                print(f"warning: {self._resume_path} records no configuration (an older raydn); "
+                      "resuming without checking it", flush=True)
+            return
+        diffs = run_config.differences(run_config.load_run_config(text, where), self.run_config,
+                                       ignore=run_config.RESUME_IGNORED)
+        if diffs:
+            from raydn.errors import ConfigError
+            raise ConfigError(run_config.mismatch_message(diffs, where, self.out_dir / "config.yaml"))
 
     def _resume(self, ckpt: dict, path: Path) -> None:
         """Continue exactly where ``ckpt`` stopped (the sampler was already positioned at its
@@ -267,6 +358,29 @@ class Trainer:
         restore_rng_state(mine["rng"])
 
     # -------------------------------------------------------------- loop
+    def _record_config(self) -> None:
+        """Write ``config.yaml`` (the run's configuration, loadable with ``raydn train --config``,
+        with its provenance); a resumed run keeps the one its first start wrote."""
+        path = self.out_dir / "config.yaml"
+        if self._resume_ckpt is not None and path.is_file():
+            return
+        opts = self.opts
+        provenance = run_config.provenance_now({
+            **(opts.config_provenance or {"preset": self.preset.name}), "data": opts.data,
+            "dataroot": opts.dataroot, "world_size": self.dist.world_size,
+            "schedule": self.schedule.as_dict()})
+        atomic_write_text(path, run_config.dump_yaml(self.run_config, provenance))
+
+    def _termination_signal(self) -> int | None:
+        """The signal that ends the run after this iteration: the one this process received, or
+        under DDP any rank's (all ranks stop at the same iteration, so they can save together)."""
+        signum = termination.pending() or 0
+        if self.dist.distributed:
+            flag = all_reduce_mean(torch.tensor(float(signum > 0), device=self.dist.device))
+            if float(flag) > 0:
+                signum = signum or int(signal.SIGTERM)
+        return signum or None
+
     def _fit_time_budget(self, elapsed: float, rate: float, cap: int) -> None:
         """Fit the schedule into the time budget: ``elapsed`` s spent so far in this run, ``rate``
         s per iteration; at most ``cap`` iterations. All ranks take rank 0's decision."""
@@ -286,9 +400,7 @@ class Trainer:
             self.schedule = replace(self.schedule, max_iters=fit)
 
     def _set_lr(self) -> None:
-        rc = self.preset.train
-        f = lr_factor(self.iteration, self.schedule.max_iters, self.schedule.warmup_iters,
-                      rc.warmup_ratio, rc.min_lr_ratio)
+        f = self.lr_factor_at(self.iteration)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
 
@@ -312,11 +424,29 @@ class Trainer:
         return logged
 
     def run(self) -> dict:
+        """Train to the end (or ``stop_after``); returns ``iteration``, ``history``, ``checkpoint``,
+        ``schedule``. A SIGTERM / SIGHUP (:mod:`raydn.termination`, installed by the CLI) ends the run
+        after the current iteration with a checkpoint (all ranks at the same iteration), then raises
+        :class:`~raydn.errors.Terminated`: ``--resume auto`` continues from there."""
+        with termination.deferred():
+            return self._run()
+
+    def _run(self) -> dict:
         opts, sched = self.opts, self.schedule
         log_file = writer = bar = None
+        if self._resume_ckpt is not None and self.iteration >= sched.max_iters:
+            if self.dist.is_main:  # nothing to do: say so rather than "finish" silently
+                print(f"{self.out_dir}: training already finished (iteration {self.iteration} of "
+                      f"{sched.max_iters}, {self._resume_path}); nothing to train. A resumed run keeps "
+                      "its schedule: to train longer, start a new run in another --out", flush=True)
+            self.close()
+            return {"iteration": self.iteration, "history": self.history,
+                    "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict(),
+                    "already_finished": True}
         if self.dist.is_main:
             print(sched.describe(), flush=True)
-            (self.out_dir / "config.json").write_text(json.dumps(
+            self._record_config()
+            atomic_write_text(self.out_dir / "config.json", json.dumps(
                 {"preset": _jsonable(self.preset), "options": _jsonable(opts),
                  "schedule": sched.as_dict()}, indent=2))
             log_file = open(self.out_dir / "log.txt", "a")
@@ -348,6 +478,7 @@ class Trainer:
             start, step = self.iteration, 8 * opts.budget_probe
             probes = {start + opts.budget_probe} | set(range(start + step, start + sched.max_iters + 1, step))
         cap, t_probe, it_probe = sched.max_iters, t0, self.iteration
+        saved_at = None
         try:
             while self.iteration < end:
                 batch = next(it_loader)
@@ -378,6 +509,15 @@ class Trainer:
                                 writer.add_scalar(f"train/{k}", v, self.iteration)
                 if self.iteration % opts.ckpt_interval == 0 or self.iteration == end:
                     self.save_checkpoint()
+                    saved_at = self.iteration
+                signum = self._termination_signal()
+                if signum:
+                    if saved_at != self.iteration:
+                        self.save_checkpoint()
+                    if self.dist.is_main:
+                        print(f"\n{signal.Signals(signum).name}: stopped at iteration {self.iteration}, checkpoint "
+                              f"{self.checkpoint_path()} saved; continue with --resume auto", flush=True)
+                    termination.raise_pending(signum)
         finally:
             if flush:
                 torch.set_flush_denormal(False)  # the process default
@@ -387,6 +527,7 @@ class Trainer:
                 writer.close()
             if log_file is not None:
                 log_file.close()
+            self.close()
         return {"iteration": self.iteration, "history": self.history,
                 "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict()}
 
@@ -407,12 +548,39 @@ def _set_grad_checkpointing(model, enabled: bool) -> None:
         head.set_checkpointing(enabled)
 
 
+def _may_leave_parameters_unused(model, dataset) -> bool:
+    """Whether a training step can leave a trainable parameter without a gradient, which DDP must
+    then look for after every backward (``find_unused_parameters``; needless, it costs a graph
+    traversal per step and a warning). Every detector parameter takes part in every training frame
+    -- with boxes or none, first frame or not, with query groups
+    (tests/engine/test_multinode.py::test_every_trainable_parameter_takes_part) -- except the
+    auxiliary 2D head, which learns only from batches with 2D labels: the dataset gives them when
+    it loads annotations with ``with_2d`` and every record has ``bboxes2d``."""
+    aux = getattr(model, "img_roi_head", None)
+    if aux is None or not any(p.requires_grad for p in aux.parameters()):
+        return False
+    gives_2d = (dataset.load_annotations and dataset.with_2d and not dataset.test_mode
+                and all("bboxes2d" in rec for rec in dataset.infos))
+    return not gives_2d
+
+
 def train(opts: TrainOptions) -> dict:
-    dist_info = setup_distributed(opts.device)
+    """Train ``opts`` in this process (one of many under torchrun/srun); rank 0's result dict.
+    A peer process that dies or stalls past ``opts.dist_timeout_s`` ends the run with one
+    :class:`raydn.errors.PeerLostError` (the checkpoints written so far stay intact)."""
+    dist_info = setup_distributed(opts.device, timeout_s=opts.dist_timeout_s)
+    trainer, clean = None, False
     try:
         trainer = Trainer(opts, dist_info)
         result = trainer.run()
         del trainer  # release DDP and the loader workers before leaving the process group
+        clean = True
         return result
+    except Exception as e:
+        lost = peer_lost_error(e, dist_info.rank, getattr(trainer, "iteration", None))
+        if lost is None:
+            raise
+        trainer = None
+        raise lost from None
     finally:
-        cleanup_distributed()
+        cleanup_distributed(clean)

@@ -8,14 +8,27 @@ record has ``sample_token`` (= its key), ``translation`` (3), ``size`` (3, all >
 a quaternion w, x, y, z), ``velocity`` (2; NaN allowed, as in the devkit), ``detection_name`` (one of
 the 10 classes), ``detection_score`` (finite, in [0, 1]) and ``attribute_name`` ('' or a nuScenes
 attribute).
+
+The frame: submissions are in nuScenes' **global** frame. Boxes left in the ego/LiDAR (vehicle) frame
+all lie within a few tens of metres of the origin, hundreds of metres from their sample's ego
+position, and score mAP 0 / NDS 0 (the devkit drops every box more than 50 m from its ego).
+:func:`check_global_frame` refuses such a submission with that explanation: when, over the samples
+with boxes whose ego is more than :data:`FRAME_EGO_MIN_NORM` m from the origin, the median box is
+within :data:`FRAME_NEAR_ORIGIN` m of the origin and more than :data:`FRAME_FAR_FROM_EGO` m from its
+ego (no camera detection is that far; nothing that far can be matched). A refusal, not a warning:
+such a file has nothing to score.
+
+Size: a file larger than :data:`raydn.limits.MAX_SUBMISSION_FILE_BYTES` is refused before it is read.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from raydn.errors import DataError
 from raydn.eval.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
@@ -23,6 +36,9 @@ from raydn.eval.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
 MAX_BOXES_PER_SAMPLE = 500
 _VECTORS = (("translation", 3, False), ("size", 3, False), ("rotation", 4, False), ("velocity", 2, True))
 META_KEYS = ("use_camera", "use_lidar", "use_radar", "use_map", "use_external")
+FRAME_NEAR_ORIGIN = 80.0     # m: the median box of an ego-frame submission is this close to (0, 0)
+FRAME_FAR_FROM_EGO = 150.0   # m: ... and this far from its sample's ego (cameras see ~60 m)
+FRAME_EGO_MIN_NORM = 2 * FRAME_NEAR_ORIGIN  # m: samples whose ego is nearer the origin cannot tell
 
 
 def _numbers(where: str, name: str, value, n: int, nan_ok: bool) -> list[float]:
@@ -68,13 +84,42 @@ def check_record(where: str, token: str, rec) -> None:
                         f"{', '.join(ATTRIBUTE_NAMES)}")
 
 
+def check_global_frame(path, results: Mapping[str, list], ego_translation: Mapping[str, Sequence[float]]) -> None:
+    """Raise :class:`DataError` when the boxes of ``results`` (validated records) look like they are
+    in the ego/LiDAR frame rather than the global frame (see the module docstring);
+    ``ego_translation``: sample token -> the sample's ego position in the global frame (metres)."""
+    near, far = [], []
+    for token, recs in results.items():  # per sample: medians of a few hundred boxes
+        ego = ego_translation.get(token)
+        if not recs or ego is None or float(np.hypot(ego[0], ego[1])) <= FRAME_EGO_MIN_NORM:
+            continue
+        xy = np.array([r["translation"][:2] for r in recs], dtype=np.float64)
+        near.append(float(np.median(np.hypot(xy[:, 0], xy[:, 1]))))
+        far.append(float(np.median(np.hypot(xy[:, 0] - ego[0], xy[:, 1] - ego[1]))))
+    if not near:
+        return
+    to_origin, to_ego = float(np.median(near)), float(np.median(far))
+    if to_origin < FRAME_NEAR_ORIGIN and to_ego > FRAME_FAR_FROM_EGO:
+        raise DataError(f"{path}: boxes look like they are in the ego (vehicle/LiDAR) frame: their median "
+                        f"distance to the global origin is {to_origin:.0f} m but to their sample's ego position "
+                        f"{to_ego:.0f} m ({len(near)} samples); nuScenes submissions are in the global frame "
+                        f"(transform each box by the sample's lidar2ego and ego2global poses, as "
+                        f"raydn.eval.submission.build_submission does). Scored as it is, every box would be "
+                        f"dropped as too far from its ego: mAP 0, NDS 0")
+
+
 def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
-                        max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE) -> dict:
-    """Read and check the submission at ``path`` against the evaluated split's ``sample_tokens``.
-    Returns the parsed JSON; raises :class:`DataError` at the first problem."""
+                        max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE,
+                        ego_translation: Mapping[str, Sequence[float]] | None = None) -> dict:
+    """Read and check the submission at ``path`` against the evaluated split's ``sample_tokens``
+    (and, given ``ego_translation`` (token -> global ego position), that the boxes are in the global
+    frame: :func:`check_global_frame`). Returns the parsed JSON; raises :class:`DataError` at the
+    first problem."""
+    from raydn.limits import MAX_SUBMISSION_FILE_BYTES, check_file_size
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: submission file not found")
+    check_file_size(path, MAX_SUBMISSION_FILE_BYTES, "submission file")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -101,7 +146,9 @@ def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
                             f"are allowed (keep the highest-scoring ones)")
         for i, rec in enumerate(recs):
             check_record(f"{path}: results[{token!r}][{i}]", token, rec)
+    if ego_translation is not None:
+        check_global_frame(path, results, ego_translation)
     return data
 
 
-__all__ = ["MAX_BOXES_PER_SAMPLE", "check_record", "validate_submission"]
+__all__ = ["MAX_BOXES_PER_SAMPLE", "check_global_frame", "check_record", "validate_submission"]

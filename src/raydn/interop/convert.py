@@ -10,7 +10,6 @@ module each officially and in raydn; the checkpoint lists all 6 copies, which mu
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,18 +227,9 @@ def load_official_checkpoint(path: str | os.PathLike, model: nn.Module, strict: 
 
 
 def save_state_dict_atomic(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the target folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(dict(sd), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through :func:`raydn.io.atomic_path` (temporary file beside it, then ``os.replace``)."""
+    from raydn.io import atomic_torch_save
+    atomic_torch_save(dict(sd), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,20 +296,35 @@ def read_model_file(path: str | os.PathLike, trust: bool = False) -> tuple[dict,
     return sd, None
 
 
+def resolve_preset(recorded: str | None, requested: str | None, what: str) -> str | None:
+    """The preset of a model file: the one it records wins; ``requested`` (``--preset`` /
+    ``preset=``) only names the preset of a file that records none. Both given and different is a
+    :class:`CheckpointError` naming both (a silent override would change the input transform, the
+    input size and the detections); the same name twice is fine. ``what``: the file, for the
+    message. Returns ``recorded or requested`` (None when neither)."""
+    if recorded is not None and requested is not None and requested != recorded:
+        raise CheckpointError(f"{what}: the model is preset {recorded!r} but preset {requested!r} was "
+                              f"requested (--preset only applies to model files that name none: "
+                              f"leave it out or pass --preset {recorded})")
+    return recorded if recorded is not None else requested
+
+
 def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bool = True,
                trust: bool = False, options=None) -> nn.Module:
     """Build the right preset's detector and load a checkpoint into it (CPU, train mode as
     built; call ``.eval()`` / ``.to(device)`` yourself).
 
     Accepts a ``raydn convert`` output (:data:`MODEL_FORMAT`), a raydn training checkpoint
-    (:data:`TRAIN_FORMAT`) or an official checkpoint. ``preset`` overrides the recorded one; a
-    file without a preset is matched against :data:`DETECTABLE_PRESETS` by its keys and shapes.
+    (:data:`TRAIN_FORMAT`) or an official checkpoint. The preset the file records wins;
+    ``preset`` names the preset of a file that records none, and a different one is a
+    :class:`CheckpointError` (:func:`resolve_preset`); a file naming none and given none is
+    matched against :data:`DETECTABLE_PRESETS` by its keys and shapes.
     ``options``: :class:`raydn.models.options.RuntimeOptions` of the built model (default the fast
     paths; ``RuntimeOptions.for_export()`` for ONNX export).
     Raises :class:`CheckpointError` (naming the file) when the weights do not fit the model."""
     from raydn.presets import build_model, get_preset
     sd, recorded = read_model_file(path, trust)
-    name = preset or recorded or detect_preset(sd)
+    name = resolve_preset(recorded, preset, str(path)) or detect_preset(sd)
     if name is None:
         raise CheckpointError(f"{path}: the checkpoint names no preset and its keys/shapes match "
                               f"none of {', '.join(DETECTABLE_PRESETS)}; pass preset=...")

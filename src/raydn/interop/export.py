@@ -13,6 +13,13 @@
   std, class names, batch size, memory sizes, decode settings, and every graph input / output
   with its shape, dtype and meaning. Written last: a directory with this file is complete.
 
+**Fingerprint** (one export's three files belong together): every export gets a random
+``export_id``; each graph carries it and a copy of the metadata in its ONNX ``metadata_props``
+(:data:`PROP_EXPORT_ID`, :data:`PROP_METADATA`), and the metadata records each graph's sha256
+(``sha256``: role -> hex digest). ``raydn.deploy.OnnxDetector`` verifies all three at load
+(:mod:`raydn.deploy.verify`): a graph from another export, a modified graph or an edited metadata
+field (camera count, image size, ...) is refused with a message naming the file and field.
+
 Contract decisions (documented in the README, "Export and deployment"):
 
 * **Timestamps stay float64 across the boundary** (``timestamp`` (B,) and ``mem_timestamp``
@@ -34,11 +41,13 @@ Contract decisions (documented in the README, "Export and deployment"):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,14 +61,21 @@ from raydn.models.decode import decode_dense
 from raydn.models.state import TemporalState
 
 __all__ = ["EXPORT_FORMAT", "ENCODER_FILE", "HEAD_FILE", "META_FILE", "HEAD_INPUTS", "HEAD_OUTPUTS",
-           "STATE_FIELDS", "ExportError", "EncoderGraph", "HeadStepGraph", "export_onnx",
-           "read_metadata", "head_step_inputs", "ExportReport", "check_parity", "export_model"]
+           "STATE_FIELDS", "PROP_EXPORT_ID", "PROP_METADATA", "UNSIGNED_FIELDS", "ExportError",
+           "EncoderGraph", "HeadStepGraph", "export_onnx", "read_metadata", "file_sha256",
+           "head_step_inputs", "ExportReport", "check_parity", "export_model"]
 
-EXPORT_FORMAT = "raydn-onnx/1"
+#: /2: the metadata carries ``export_id`` and ``sha256``, the graphs ``metadata_props`` (fingerprint).
+EXPORT_FORMAT = "raydn-onnx/2"
 ENCODER_FILE = "encoder.onnx"
 HEAD_FILE = "head_step.onnx"
 META_FILE = "raydn_onnx.json"
 OPSET = 18
+#: ONNX ``metadata_props`` keys of each graph: the export id, and the metadata (JSON) it was exported with.
+PROP_EXPORT_ID = "raydn_export_id"
+PROP_METADATA = "raydn_metadata"
+#: Metadata fields added after the graphs were written (not part of the copy inside them).
+UNSIGNED_FIELDS = ("sha256", "parity")
 
 #: The TemporalState fields in graph order; graph names are ``mem_<field>`` / ``new_mem_<field>``.
 STATE_FIELDS = ("embedding", "reference_point", "timestamp", "egopose", "velo")
@@ -88,6 +104,8 @@ HEAD_OUTPUTS = (
     ("keep", "(B, k) bool: centre inside post_center_range (predict() returns the kept rows)"),
     ("cls_logits", "(B, Q+P, classes) float32: last decoder layer logits"),
     ("bbox_preds", "(B, Q+P, 10) float32: last layer [x, y, z, log l, log w, log h, sin, cos, vx, vy]"),
+    ("query", "(B, k) int64: the query (row of cls_logits) each decoded row came from"),
+    ("memory_index", "(B, K) int64: the queries written into the new memory's first K rows"),
     ("new_mem_embedding", "(B, M, C) float32"),
     ("new_mem_reference_point", "(B, M, 3) float32: global frame"),
     ("new_mem_timestamp", "(B, M, 1) float64: -t_insert, seconds"),
@@ -137,8 +155,9 @@ class HeadStepGraph(nn.Module):
         out, new = self.head(feats, batch, state)
         cls, box = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
         hc = self.cfg.head
-        boxes, scores, labels, keep = decode_dense(cls, box, hc.max_num, hc.post_center_range)
-        return (boxes, scores, labels, keep, cls, box,
+        boxes, scores, labels, keep, query = decode_dense(cls, box, hc.max_num, hc.post_center_range,
+                                                          with_query=True)
+        return (boxes, scores, labels, keep, cls, box, query, out["memory_index"],
                 *(getattr(new, f) for f in STATE_FIELDS))
 
 
@@ -217,12 +236,24 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names, output_names) -> None:
+def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names, output_names,
+                 props: dict[str, str]) -> None:
+    """Export ``module`` to ``path`` with ``props`` added to the model's ``metadata_props``."""
     with _quiet_exporter():
         prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
                                  input_names=list(input_names), output_names=list(output_names),
                                  external_data=False, optimize=True, verbose=False)
+        prog.model.metadata_props.update(props)
         prog.save(str(path))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int = 1,
@@ -262,12 +293,11 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
     head_out_names = [n for n, _ in HEAD_OUTPUTS]
     tmp = Path(tempfile.mkdtemp(prefix=".raydn-export-", dir=out_dir))
     try:
-        _onnx_export(EncoderGraph(model), (batch.images,), tmp / ENCODER_FILE, ["images"], feat_names)
-        _onnx_export(HeadStepGraph(model), head_args, tmp / HEAD_FILE, head_in_names, head_out_names)
         meaning_in = dict(HEAD_INPUTS)
         meaning_out = dict(HEAD_OUTPUTS)
         meta = {
             "format": EXPORT_FORMAT,
+            "export_id": uuid.uuid4().hex,
             "preset": preset or getattr(model, "preset", None),
             "source": None if source is None else str(source),
             "raydn_version": __import__("raydn").__version__,
@@ -300,6 +330,14 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
                 "outputs": [dict(_spec(n, t), meaning=meaning_out[n])
                             for n, t in zip(head_out_names, head_out)]},
         }
+        # the fingerprint: each graph carries the export id and the metadata it belongs to; the
+        # metadata records each graph's sha256 (checked by raydn.deploy.verify at load)
+        props = {PROP_EXPORT_ID: meta["export_id"], PROP_METADATA: json.dumps(meta, sort_keys=True)}
+        _onnx_export(EncoderGraph(model), (batch.images,), tmp / ENCODER_FILE, ["images"], feat_names,
+                     props)
+        _onnx_export(HeadStepGraph(model), head_args, tmp / HEAD_FILE, head_in_names, head_out_names,
+                     props)
+        meta["sha256"] = {role: file_sha256(tmp / name) for role, name in meta["files"].items()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         files = {}
         (out_dir / META_FILE).unlink(missing_ok=True)   # no stale metadata over new graphs
@@ -323,9 +361,18 @@ def read_metadata(onnx_dir: str | os.PathLike) -> dict:
         meta = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"{p}: unreadable metadata ({e})") from None
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{p}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    for role, name in meta["files"].items():
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        hint = " (an older raydn's export: export the model again)" if str(got).startswith("raydn-onnx/") else ""
+        raise ExportError(f"{p}: format {got!r}, expected {EXPORT_FORMAT!r}{hint}")
+    files, sha = meta.get("files"), meta.get("sha256")
+    if (not isinstance(files, dict) or set(files) != {"encoder", "head_step"}
+            or not all(isinstance(v, str) for v in files.values())):
+        raise ExportError(f"{p}: 'files' must map encoder and head_step to file names, got {files!r}")
+    if not isinstance(meta.get("export_id"), str) or not isinstance(sha, dict) or set(sha) != set(files):
+        raise ExportError(f"{p}: no graph fingerprint ('export_id' and 'sha256' of encoder and "
+                          f"head_step): not written by `raydn export`, export the model again")
+    for role, name in files.items():
         if not (d / name).is_file():
             raise ExportError(f"{d}: {role} graph {name} is missing")
     return meta

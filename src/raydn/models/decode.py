@@ -6,17 +6,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
 from raydn.geometry import POST_CENTER_RANGE, denormalize_bbox
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The queries one frame of the head selected, as indices into its Q + P non-denoising
+    queries (learnable queries first, then the P propagated memory rows): the single record of
+    both selections, which the query ids and the ``memory`` tracker follow
+    (:mod:`raydn.engine.tracking`).
+
+    ``decode_index``: one (k_b,) int64 tensor per sample, the query of every decoded detection
+    (the ``query`` entry of :func:`decode_single`'s dict, same order as the detections);
+    ``memory_index``: (B, K) int64, the queries written into the memory, in the order of the new
+    state's first K rows (:func:`raydn.models.temporal.post_update_selected`)."""
+    decode_index: tuple
+    memory_index: Tensor
+
+    @classmethod
+    def of(cls, detections: list[dict], memory_index: Tensor) -> "Selection":
+        """From :func:`decode`'s per-sample dicts and the head's ``memory_index`` output."""
+        return cls(tuple(d["query"].detach().cpu().long() for d in detections),
+                   memory_index.detach().cpu().long())
+
+
 def decode_dense(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
-                 post_center_range=POST_CENTER_RANGE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 post_center_range=POST_CENTER_RANGE, *, with_query: bool = False) -> tuple[Tensor, ...]:
     """Batched, fixed-size form of :func:`decode_single` (static shapes: the ONNX step graph).
 
     cls_scores (B, Q, K) logits, bbox_preds (B, Q, 10) official encoding -> ``boxes`` (B, k, 9)
     gravity-centre LiDAR boxes, ``scores`` (B, k) sigmoid, descending, ``labels`` (B, k) int64,
     ``keep`` (B, k) bool (centre inside ``post_center_range``, inclusive), with
-    k = min(max_num, Q * K). :func:`decode_single` of sample b is ``x[b][keep[b]]`` of these."""
+    k = min(max_num, Q * K); ``with_query``: also ``query`` (B, k) int64, the query each row was
+    decoded from (the index the top-k selected). :func:`decode_single` of sample b is
+    ``x[b][keep[b]]`` of these."""
     B, Q, num_classes = cls_scores.shape
     k = min(int(max_num), Q * num_classes)
     scores, idx = cls_scores.sigmoid().reshape(B, Q * num_classes).topk(k, dim=1)
@@ -28,7 +53,7 @@ def decode_dense(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
     if post_center_range is not None:
         r = torch.as_tensor(post_center_range, dtype=boxes.dtype, device=boxes.device)
         keep = (boxes[..., :3] >= r[:3]).all(-1) & (boxes[..., :3] <= r[3:]).all(-1)
-    return boxes, scores, labels, keep
+    return (boxes, scores, labels, keep, query) if with_query else (boxes, scores, labels, keep)
 
 
 def bev_nms_keep(centres: Tensor, labels: Tensor, radius) -> Tensor:
@@ -62,16 +87,17 @@ def decode_single(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,
                   nms_radius=None) -> dict:
     """One sample: cls_scores (Q, K) logits, bbox_preds (Q, 10) official encoding ->
     dict(boxes (k, 9) gravity-centre LiDAR boxes ``[x, y, z, l, w, h, yaw, vx, vy]``,
-    scores (k,), labels (k,) int64), k <= max_num, sorted by descending score.
+    scores (k,), labels (k,) int64, query (k,) int64: the query (row of cls_scores) each
+    detection was decoded from), k <= max_num, sorted by descending score.
 
     Top-``max_num`` over sigmoid scores flattened query-major (index = query * K + class), then
     keep boxes whose centre lies inside ``post_center_range`` (inclusive), then (``nms_radius``
     given, not official) :func:`bev_nms_keep` over those."""
-    boxes, scores, labels, keep = (t[0] for t in decode_dense(
-        cls_scores[None], bbox_preds[None], max_num, post_center_range))
+    boxes, scores, labels, keep, query = (t[0] for t in decode_dense(
+        cls_scores[None], bbox_preds[None], max_num, post_center_range, with_query=True))
     if score_threshold is not None:
         keep = keep & (scores > score_threshold)
-    det = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    det = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], "query": query[keep]}
     return det if nms_radius is None else apply_bev_nms(det, nms_radius)
 
 

@@ -78,10 +78,11 @@ class RayDNDetector(nn.Module):
             if isinstance(m, PackedMultiheadAttention):
                 m.explicit_cpu_training = opts.explicit_cpu_training
 
-    def load_pretrained_backbone(self, source: str | None = None):
+    def load_pretrained_backbone(self, source: str | None = None, trust: bool = False):
         """Load backbone weights from ``source`` (default ``cfg.backbone.pretrained``): a ``.pth``
         path or ``'imagenet'`` (MobileNetV2). Returns the :class:`LoadReport`; raises
-        ``CheckpointError`` naming the file / the package to install when the weights are missing."""
+        ``CheckpointError`` naming the file / the package to install when the weights are missing.
+        ``trust``: read the file with full unpickling (only for files you trust)."""
         from raydn.errors import CheckpointError
         source = source or self.cfg.backbone.pretrained
         if source is None:
@@ -89,7 +90,7 @@ class RayDNDetector(nn.Module):
         from raydn.models.backbones.mobilenet import resolve_pretrained
         source = resolve_pretrained(source, self.cfg.backbone.name)
         from raydn.models.backbones.pretrained import load_backbone_weights
-        return load_backbone_weights(self.img_backbone, source)  # copies in place: layout kept
+        return load_backbone_weights(self.img_backbone, source, trust=trust)  # copies in place: layout kept
 
     # ------------------------------------------------------------------ features
     def extract_feats(self, images: Tensor | None, stem: Tensor | None = None,
@@ -167,10 +168,13 @@ class RayDNDetector(nn.Module):
         return losses, state.detach()
 
     @torch.no_grad()
-    def predict(self, batch: FrameBatch, state: TemporalState | None = None, *, nms: bool = True
-                ) -> tuple[list[dict], TemporalState]:
+    def predict(self, batch: FrameBatch, state: TemporalState | None = None, *, nms: bool = True,
+                with_selection: bool = False):
         """Decoded detections per sample: dicts with ``boxes`` (k, 9) LiDAR boxes (gravity centre),
-        ``scores`` (k,), ``labels`` (k,). Use in eval mode. ``nms=False`` skips the preset's BEV
+        ``scores`` (k,), ``labels`` (k,), ``query`` (k,) (the query each came from) -> ``(dets,
+        state)``; ``with_selection``: ``(dets, state, selection)`` with the
+        :class:`raydn.models.decode.Selection` of the frame (what the query ids follow). Use in
+        eval mode. ``nms=False`` skips the preset's BEV
         NMS (``HeadConfig.nms_radius``; the official presets have none). A batch with another
         camera count than the model's or with NaN/inf images, calibration or poses raises
         ``DataError`` before the memory is touched (``raydn.data.validate.check_frame_batch``):
@@ -182,4 +186,8 @@ class RayDNDetector(nn.Module):
         check_frame_batch(batch, self.cfg.head.num_cams)
         outputs, state, _ = self.forward(batch, state)
         head = self.cfg.head if nms or self.cfg.head.nms_radius is None else replace(self.cfg.head, nms_radius=None)
-        return decode(outputs, head), state
+        dets = decode(outputs, head)
+        if with_selection:
+            from raydn.models.decode import Selection
+            return dets, state, Selection.of(dets, outputs["memory_index"])
+        return dets, state

@@ -24,7 +24,7 @@ from raydn.models.layers import (
 )
 from raydn.models.state import TemporalState
 from raydn.models.temporal import (
-    Memory, current_motion, memory_motion, post_update, pre_update, propagate,
+    Memory, current_motion, memory_motion, post_update_selected, pre_update, propagate,
 )
 from raydn.models.transformer import build_transformer
 
@@ -189,7 +189,9 @@ class RayDNHead(nn.Module):
 
         Returns:
             (outputs, new_state). outputs: ``all_cls_scores`` (L, B, Q+P, classes) logits,
-            ``all_bbox_preds`` (L, B, Q+P, 10), ``dn`` (:class:`DenoisingQueries` or None),
+            ``all_bbox_preds`` (L, B, Q+P, 10), ``memory_index`` (B, K) int64 (the queries written
+            into the new state's first K rows, :class:`raydn.models.decode.Selection`),
+            ``dn`` (:class:`DenoisingQueries` or None),
             ``dn_cls_scores`` / ``dn_bbox_preds`` (L, B, D, .) or None.
         """
         if len(feats) != self.cfg.num_levels:
@@ -232,10 +234,12 @@ class RayDNHead(nn.Module):
                          "group_bbox_preds": all_box[:, :, -E:].reshape(L, B, G - 1, self.num_query, -1)}
             all_cls, all_box, outs_dec = all_cls[:, :, :-E], all_box[:, :, :-E], outs_dec[:, :, :-E]
 
-        new_state = post_update(mem, batch.ego_pose, batch.timestamp, all_cls[-1, :, D:],
-                                all_box[-1, :, D:], outs_dec[-1, :, D:], self.topk_proposals)
+        new_state, memory_index = post_update_selected(
+            mem, batch.ego_pose, batch.timestamp, all_cls[-1, :, D:], all_box[-1, :, D:],
+            outs_dec[-1, :, D:], self.topk_proposals)
         out = {
             "all_cls_scores": all_cls[:, :, D:], "all_bbox_preds": all_box[:, :, D:], "dn": dn,
+            "memory_index": memory_index,
             "dn_cls_scores": all_cls[:, :, :D] if dn is not None else None,
             "dn_bbox_preds": all_box[:, :, :D] if dn is not None else None,
             **group_out,

@@ -28,8 +28,8 @@ from torch import Tensor
 from raydn.geometry import fp32_geometry, nerf_positional_encoding
 from raydn.models.state import TemporalState
 
-__all__ = ["Memory", "transform_homogeneous", "pre_update", "post_update", "memory_motion",
-           "current_motion", "propagate"]
+__all__ = ["Memory", "transform_homogeneous", "pre_update", "post_update", "post_update_selected",
+           "memory_motion", "current_motion", "propagate"]
 
 
 def transform_homogeneous(points: Tensor, matrix: Tensor) -> Tensor:
@@ -122,6 +122,14 @@ def post_update(mem: Memory, ego_pose: Tensor, timestamp: Tensor, cls_last: Tens
     Returns: the next :class:`TemporalState` (global frame, ``-t_insert``; M rows, the K new ones
     first; all detached; float32 / float64 timestamps even under autocast).
     """
+    return post_update_selected(mem, ego_pose, timestamp, cls_last, bbox_last, dec_last, topk)[0]
+
+
+def post_update_selected(mem: Memory, ego_pose: Tensor, timestamp: Tensor, cls_last: Tensor,
+                         bbox_last: Tensor, dec_last: Tensor, topk: int) -> tuple[TemporalState, Tensor]:
+    """:func:`post_update` that also returns the selection it made: ``(state, index)``, index
+    (B, K) int64 = the queries (rows of ``cls_last``) written into the first K memory rows, in
+    row order (the query ids follow it: :mod:`raydn.engine.tracking`)."""
     with fp32_geometry(bbox_last.device):
         return _post_update(mem, ego_pose, timestamp, _atleast_fp32(cls_last.detach()),
                             _atleast_fp32(bbox_last.detach()), _atleast_fp32(dec_last.detach()), topk)
@@ -132,7 +140,8 @@ def _atleast_fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _post_update(mem: Memory, ego_pose, timestamp, cls_last, bbox_last, dec_last, topk) -> TemporalState:
+def _post_update(mem: Memory, ego_pose, timestamp, cls_last, bbox_last, dec_last, topk
+                 ) -> tuple[TemporalState, Tensor]:
     B, M = cls_last.shape[0], mem.embedding.shape[1]
     K = topk
     score = cls_last.detach().sigmoid().amax(dim=-1)                          # (B, Q+P)
@@ -151,7 +160,7 @@ def _post_update(mem: Memory, ego_pose, timestamp, cls_last, bbox_last, dec_last
                              mem.timestamp], 1)[:, :M] - t_now,
         egopose=ego.unsqueeze(1) @ torch.cat([eye, mem.egopose.detach()], 1)[:, :M],
         velo=torch.cat([rec_velo, mem.velo.detach()], 1)[:, :M],
-    )
+    ), idx
 
 
 def memory_motion(mem: Memory) -> Tensor:

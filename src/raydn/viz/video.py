@@ -8,9 +8,7 @@ pixels, so ffmpeg never rescales them.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +63,9 @@ class VideoWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> "VideoWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        from raydn.io import atomic_path  # temporary file beside the video, renamed when complete
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
         return self
 
     def append(self, frame) -> None:
@@ -88,14 +85,12 @@ class VideoWriter:
         try:
             if self._writer is not None:
                 self._writer.close()
-            if exc_type is None:
-                if self.frames == 0:
-                    raise RaydnError(f"{self.path}: no frames to write")
-                os.replace(self._tmp, self.path)
-        finally:
-            if self._tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._tmp)
+            if exc_type is None and self.frames == 0:
+                raise RaydnError(f"{self.path}: no frames to write")
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)  # removes the temporary file
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)  # renamed into place, or removed on an error
 
 
 def count_video_frames(path: str | os.PathLike) -> int:

@@ -3,7 +3,8 @@
 A checkpoint is a ``.pth`` file holding either a plain state dict or a dict with a ``state_dict`` /
 ``model`` entry. Keys may carry a wrapper prefix: ``module.`` (DataParallel), ``backbone.`` (mmdet
 detectors such as the nuImages Cascade Mask R-CNN), ``img_backbone.`` (official RayDN/StreamPETR
-detectors). When prefixed keys exist only those are kept (the rest belongs to necks and heads).
+detectors). When prefixed keys exist only those are kept (the rest belongs to necks and heads and
+is listed in the report's ``ignored``, never dropped silently).
 """
 from __future__ import annotations
 
@@ -27,11 +28,17 @@ class LoadReport:
     loaded: list = field(default_factory=list)
     missing: list = field(default_factory=list)      # model keys absent from the checkpoint
     unexpected: list = field(default_factory=list)   # checkpoint keys the model does not have
-    ignored: list = field(default_factory=list)      # e.g. torchvision ``fc.*``
+    # checkpoint keys that are not backbone weights by design: torchvision ``fc.*``, and the keys
+    # outside the backbone prefix of a detector file (mmdet ``neck.*`` / ``rpn_head.*`` /
+    # ``roi_head.*``, official ``img_neck.*`` / ``pts_bbox_head.*``), with their full names
+    ignored: list = field(default_factory=list)
+    prefix: str = ""                                 # the wrapper prefix stripped ('' if none)
 
     def summary(self) -> str:
         lines = [f"{self.path}: loaded {len(self.loaded)} tensors, {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected, {len(self.ignored)} ignored"]
+        if self.ignored:
+            lines.append("  ignored (not backbone weights): " + count_by_prefix(self.ignored))
         if self.missing:
             lines.append("  missing: " + ", ".join(self.missing[:10]) + (" ..." if len(self.missing) > 10 else ""))
         if self.unexpected:
@@ -40,15 +47,27 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """Read a checkpoint safely (``weights_only=True``) and return its flat tensor state dict."""
+def count_by_prefix(keys, depth: int = 1, limit: int = 8) -> str:
+    """``'neck.* (8), rpn_head.* (6), roi_head.* (40)'``: keys counted by their first ``depth``
+    dotted parts, in first-seen order (at most ``limit`` groups named)."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = ".".join(k.split(".")[:depth])
+        head = head + ".*" if head != k else k
+        groups[head] = groups.get(head, 0) + 1
+    items = [f"{g} ({n})" for g, n in groups.items()]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more groups)" if len(items) > limit else "")
+
+
+def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict:
+    """Read a checkpoint safely (``weights_only=True``; ``trust=True``: full unpickling, for files
+    you trust) and return its flat tensor state dict (non-tensor entries such as mmdet's ``meta``
+    are outside the ``state_dict`` wrapper)."""
+    from raydn.safe_load import load_weights_only
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"pretrained checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    obj = load_weights_only(path, map_location="cpu", trust=trust)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -62,22 +81,32 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 
 def strip_prefixes(state: dict, prefixes=DEFAULT_PREFIXES) -> dict:
     """Remove ``module.``, then keep and strip the first of ``prefixes`` that any key starts with."""
+    return split_prefixed(state, prefixes)[0]
+
+
+def split_prefixed(state: dict, prefixes=DEFAULT_PREFIXES) -> tuple[dict, list, str]:
+    """``(backbone state, other keys, prefix)``: remove ``module.``, then keep and strip the first of
+    ``prefixes`` that any key starts with; ``other keys`` are the (full) keys left out, ``prefix``
+    the one used (``''`` when no key is prefixed: everything is kept)."""
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
+            return ({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                    [k for k in state if not k.startswith(prefix)], prefix)
+    return dict(state), [], ""
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike,
-                          prefixes=DEFAULT_PREFIXES) -> LoadReport:
+                          prefixes=DEFAULT_PREFIXES, trust: bool = False) -> LoadReport:
     """Load a (possibly prefixed) checkpoint into ``model`` non-strictly, with shape checks.
 
     Raises :class:`CheckpointError` when a shared key has a different shape or when no key matches
-    at all (almost surely the wrong file). Missing / unexpected keys are listed in the report.
+    at all (almost surely the wrong file). Missing / unexpected keys are listed in the report, and
+    so are the checkpoint keys outside the backbone prefix (``ignored``). ``trust``: see
+    :func:`read_state_dict`.
     """
-    state = strip_prefixes(read_state_dict(path), prefixes)
-    report = LoadReport(path=os.fspath(path))
+    state, others, prefix = split_prefixed(read_state_dict(path, trust=trust), prefixes)
+    report = LoadReport(path=os.fspath(path), ignored=list(others), prefix=prefix)
     own = model.state_dict()
     to_load = {}
     mismatched = []

@@ -1,0 +1,252 @@
+"""The nuScenes tracking submission and the official tracking metric (``raydn eval --tracking``).
+
+Format (nuScenes tracking, ``tracking_nips_2019``): ``{"meta": {...}, "results": {sample_token:
+[record]}}``, every sample of the evaluated split listed, at most 500 records per sample; a record
+has ``sample_token``, ``translation`` (3, global frame, m), ``size`` (3, w l h > 0), ``rotation``
+(4, quaternion w x y z), ``velocity`` (2, m/s, global), ``tracking_id`` (a string: one id per track
+across the samples of a scene), ``tracking_name`` (one of the seven tracking classes,
+:data:`raydn.engine.tracking.TRACKING_NAMES`) and ``tracking_score`` (in [0, 1]).
+
+The boxes come from the detection submission's conversion (:func:`raydn.eval.submission.
+detections_to_global`, ONE home for LiDAR -> ego -> global), without its class-range filter (the
+devkit's tracking evaluation applies the same ranges to the tracks itself); the track ids from a
+tracker of :mod:`raydn.engine.tracking`, run per stream in time order. Detections of the other
+three classes, and detections the tracker does not report, are left out.
+
+Scoring: nuscenes-devkit's ``TrackingEval`` (AMOTA, AMOTP, MOTA, recall, IDS, FRAG, ...); it needs
+``motmetrics`` and ``pandas`` (``pip install 'raydn[tracking]'``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from raydn.engine.tracking import TRACKING_NAMES, TrackFrame, build_tracker
+from raydn.errors import DataError
+from raydn.eval.constants import DETECTION_NAMES
+
+__all__ = ["track_detections", "build_tracking_submission", "stream_flags", "write_tracking_submission",
+           "check_tracking_record",
+           "validate_tracking_submission", "run_tracking_eval", "format_tracking_summary"]
+
+_TRACKED = np.array([n in TRACKING_NAMES for n in DETECTION_NAMES])
+_NO_RANGE = {c: math.inf for c in DETECTION_NAMES}
+
+
+def track_detections(detections: Sequence[Mapping], infos: Sequence[Mapping], *, tracker: str,
+                     timestamps: Sequence[float], new_sequence: Sequence[bool], head=None,
+                     birth_score: float = 0.0, keep_score: float = 0.0, max_age: int = 3):
+    """Run ``tracker`` (``'memory'`` / ``'velocity'``) over the frames of one or more streams.
+
+    ``detections[i]`` / ``infos[i]``: frame i in time order (as for
+    :func:`raydn.eval.submission.detections_to_global`); the memory tracker also needs each frame's
+    ``query`` (k,) and ``memory_index`` (K,) (``stream_inference(..., with_selection=True)``) and
+    ``head`` (HeadConfig or its sizes); ``timestamps`` seconds; ``new_sequence[i]``: the memory was
+    reset at frame i (a scene start). Returns ``(global_detections, ids)``: the
+    :class:`~raydn.eval.submission.GlobalDetections` of every detection (no range filter, input
+    order) and their (N,) int64 track ids (-1: not reported)."""
+    from raydn.eval.submission import detections_to_global
+    if not (len(detections) == len(infos) == len(timestamps) == len(new_sequence)):
+        raise DataError(f"track_detections: {len(detections)} detection sets, {len(infos)} infos, "
+                        f"{len(timestamps)} timestamps, {len(new_sequence)} sequence flags")
+    g = detections_to_global(detections, infos, class_range=_NO_RANGE)
+    trk = build_tracker(tracker, head=head, birth_score=birth_score, keep_score=keep_score, max_age=max_age)
+    ids = np.full(len(g.sample_idx), -1, dtype=np.int64)
+    bounds = np.searchsorted(g.sample_idx, np.arange(len(infos) + 1))
+    from raydn.geometry import CLASS_NAMES
+    lut = np.array([CLASS_NAMES.index(n) for n in DETECTION_NAMES])   # devkit order -> model labels
+    for i, det in enumerate(detections):  # per frame, in time order: a tracker is sequential
+        a, b = bounds[i], bounds[i + 1]
+        ids[a:b] = trk.step(TrackFrame(
+            bool(new_sequence[i]), float(timestamps[i]), lut[g.label[a:b]], g.score[a:b],
+            g.translation[a:b, :2], g.velocity[a:b],
+            det.get("query"), det.get("memory_index")))
+    return g, ids
+
+
+def build_tracking_submission(g, ids: np.ndarray) -> dict[str, list[dict]]:
+    """``results`` of the tracking submission from :func:`track_detections`' output: tracked
+    boxes of the seven tracking classes, every sample present, highest scores first, at most 500
+    per sample."""
+    results: dict[str, list[dict]] = {t: [] for t in g.sample_tokens}
+    keep = (ids >= 0) & _TRACKED[g.label]
+    order = np.lexsort((-g.score[keep], g.sample_idx[keep]))
+    rows = np.flatnonzero(keep)[order]
+    for r in rows.tolist():  # serialisation is per record by nature
+        tok = g.sample_tokens[int(g.sample_idx[r])]
+        if len(results[tok]) >= 500:
+            continue
+        results[tok].append({
+            "sample_token": tok, "translation": g.translation[r].tolist(), "size": g.size[r].tolist(),
+            "rotation": g.rotation[r].tolist(), "velocity": g.velocity[r].tolist(),
+            "tracking_id": str(int(ids[r])), "tracking_name": DETECTION_NAMES[int(g.label[r])],
+            "tracking_score": float(min(1.0, max(0.0, g.score[r])))})
+    return results
+
+
+def stream_flags(detections: Sequence[Mapping], infos: Sequence[Mapping]) -> tuple[list[float], list[bool]]:
+    """Per frame: timestamp (seconds, from the info's ``timestamp`` in microseconds) and whether
+    a new sequence starts there (the detection's ``new_sequence`` from ``stream_inference(...,
+    with_selection=True)`` where present, else a change of ``scene_token``)."""
+    ts, new, prev_scene = [], [], object()
+    for i, (det, info) in enumerate(zip(detections, infos)):
+        if "timestamp" not in info:
+            raise DataError(f"info record {i}: missing field 'timestamp' (tracking needs the frame times)")
+        ts.append(float(info["timestamp"]) * 1e-6)
+        scene = info.get("scene_token")
+        new.append(bool(det["new_sequence"]) if "new_sequence" in det else (i == 0 or scene != prev_scene))
+        prev_scene = scene
+    return ts, new
+
+
+def write_tracking_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], path, *,
+                              tracker: str, head=None, **kwargs) -> Path:
+    """Track (:func:`track_detections`, times and sequence starts from :func:`stream_flags`) and
+    write the tracking submission JSON (atomic). Returns the path."""
+    from raydn.eval.constants import SUBMISSION_META
+    from raydn.eval.submission import write_results_json
+    ts, new = stream_flags(detections, infos)
+    g, ids = track_detections(detections, infos, tracker=tracker, timestamps=ts, new_sequence=new,
+                              head=head, **kwargs)
+    write_results_json(path, build_tracking_submission(g, ids), dict(SUBMISSION_META))
+    return Path(path)
+
+
+def check_tracking_record(where: str, token: str, rec) -> None:
+    """One tracking record (see the module docstring); raises :class:`DataError`."""
+    from raydn.eval.validate_submission import _VECTORS, _numbers
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+    missing = [k for k in ("sample_token", "translation", "size", "rotation", "velocity", "tracking_id",
+                           "tracking_name", "tracking_score") if k not in rec]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    if rec["sample_token"] != token:
+        raise DataError(f"{where}: field 'sample_token' is {rec['sample_token']!r} but the record is listed "
+                        f"under sample {token!r}")
+    vec = {name: _numbers(where, name, rec[name], n, nan_ok) for name, n, nan_ok in _VECTORS}
+    if any(s <= 0 for s in vec["size"]):
+        raise DataError(f"{where}: field 'size' is {rec['size']!r}; expected three sizes > 0 (w, l, h in metres)")
+    if sum(q * q for q in vec["rotation"]) < 1e-12:
+        raise DataError(f"{where}: field 'rotation' is {rec['rotation']!r}; expected a quaternion (w, x, y, z), "
+                        f"not zero")
+    tid = rec["tracking_id"]
+    if not isinstance(tid, str) or not tid:
+        raise DataError(f"{where}: field 'tracking_id' is {tid!r}; expected a non-empty string")
+    name = rec["tracking_name"]
+    if name not in TRACKING_NAMES:
+        raise DataError(f"{where}: field 'tracking_name' is {name!r}; expected one of {', '.join(TRACKING_NAMES)}")
+    score = rec["tracking_score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not (0.0 <= float(score) <= 1.0):
+        raise DataError(f"{where}: field 'tracking_score' is {score!r}; expected a number in [0, 1]")
+
+
+def validate_tracking_submission(path: str | os.PathLike, sample_tokens: Collection[str],
+                                 ego_translation: Mapping[str, Sequence[float]] | None = None) -> dict:
+    """Read and check the tracking submission at ``path`` against the evaluated split's
+    ``sample_tokens`` (same file-level rules and messages as
+    :func:`raydn.eval.validate_submission.validate_submission`: file size, JSON, ``meta``, every
+    sample, <= 500 boxes, global frame). Returns the parsed JSON."""
+    from raydn.eval.validate_submission import (MAX_BOXES_PER_SAMPLE, META_KEYS, check_global_frame)
+    from raydn.limits import MAX_SUBMISSION_FILE_BYTES, check_file_size
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tracking submission file not found")
+    check_file_size(path, MAX_SUBMISSION_FILE_BYTES, "submission file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise DataError(f"{path}: expected an object with 'meta' and a 'results' dict (sample token -> boxes)")
+    meta = data.get("meta")
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        raise DataError(f"{path}: field 'meta' must be an object with {', '.join(META_KEYS)}, got {meta!r}")
+    results = data["results"]
+    expected = set(sample_tokens)
+    unknown = [t for t in results if t not in expected]
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} sample(s) are not in the evaluated split, e.g. {unknown[0]!r}")
+    absent = [t for t in sample_tokens if t not in results]
+    if absent:
+        raise DataError(f"{path}: {len(absent)} sample(s) of the evaluated split are missing, e.g. {absent[0]!r} "
+                        f"(every sample must be listed, with an empty list if it has no tracks)")
+    for token, recs in results.items():
+        if not isinstance(recs, list):
+            raise DataError(f"{path}: results[{token!r}] must be a list of boxes, got {type(recs).__name__}")
+        if len(recs) > MAX_BOXES_PER_SAMPLE:
+            raise DataError(f"{path}: sample {token!r} has {len(recs)} boxes; at most {MAX_BOXES_PER_SAMPLE} "
+                            f"are allowed (keep the highest-scoring ones)")
+        for i, rec in enumerate(recs):
+            check_tracking_record(f"{path}: results[{token!r}][{i}]", token, rec)
+    if ego_translation is not None:
+        check_global_frame(path, results, ego_translation)
+    return data
+
+
+#: The summary numbers printed (devkit ``metrics_summary.json`` keys).
+SUMMARY_KEYS = ("amota", "amotp", "recall", "motar", "mota", "motp", "ids", "frag", "tp", "fp", "fn")
+
+
+def run_tracking_eval(result_path: str | os.PathLike, dataroot: str | os.PathLike, version: str,
+                      eval_set: str, out_dir: str | os.PathLike, *, nusc=None, quiet: bool = False,
+                      config_name: str = "tracking_nips_2019") -> dict:
+    """Score a tracking submission with nuscenes-devkit's ``TrackingEval``; writes
+    ``tracking_metrics_summary.json`` / ``tracking_metrics_details.json`` into ``out_dir``
+    (atomically). The file is checked first (:func:`validate_tracking_submission`). Returns the
+    devkit's summary dict (``amota``, ``amotp``, ``mota``, ``recall``, ``ids``, ``frag``,
+    ``label_metrics``, ...)."""
+    try:
+        from nuscenes import NuScenes
+        from nuscenes.eval.common.config import config_factory
+        from nuscenes.eval.tracking.evaluate import TrackingEval
+        from nuscenes.utils.splits import create_splits_scenes
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DataError(f"the tracking metric needs nuscenes-devkit, motmetrics and pandas ({e}); "
+                        "pip install 'raydn[nuscenes,tracking]'") from None
+    import tempfile
+
+    from raydn.io import atomic_write_json
+    result_path, out_dir = os.fspath(result_path), os.fspath(out_dir)
+    if nusc is None:
+        if not os.path.isdir(os.path.join(os.fspath(dataroot), version)):
+            raise DataError(f"{dataroot}: no nuScenes tables for version {version!r}")
+        nusc = NuScenes(version=version, dataroot=os.fspath(dataroot), verbose=False)
+    scenes = set(create_splits_scenes().get(eval_set, ()))
+    tokens, ego = [], {}
+    for s in nusc.sample:  # the split's samples and their ego positions (frame check)
+        if nusc.get("scene", s["scene_token"])["name"] in scenes:
+            tokens.append(s["token"])
+            sd = nusc.get("sample_data", s["data"]["LIDAR_TOP"])
+            ego[s["token"]] = nusc.get("ego_pose", sd["ego_pose_token"])["translation"]
+    validate_tracking_submission(result_path, tokens, ego)
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tracking-eval-") as tmp:
+        try:
+            ev = TrackingEval(config=config_factory(config_name), result_path=result_path,
+                              eval_set=eval_set, output_dir=tmp, nusc_version=version,
+                              nusc_dataroot=os.fspath(dataroot), verbose=False)
+        except (AssertionError, KeyError, ValueError) as e:
+            raise DataError(f"{result_path}: rejected by the nuScenes devkit: {e}") from None
+        summary = ev.main(render_curves=False)
+        details = json.loads(Path(tmp, "metrics_details.json").read_text())
+    atomic_write_json(os.path.join(out_dir, "tracking_metrics_summary.json"), summary, indent=2)
+    atomic_write_json(os.path.join(out_dir, "tracking_metrics_details.json"), details, indent=2)
+    if not quiet:
+        print(format_tracking_summary(summary))
+    return summary
+
+
+def format_tracking_summary(summary: Mapping) -> str:
+    """One line per summary number, then AMOTA per class."""
+    lines = [f"{k.upper():7s} {summary[k]:.4f}" if isinstance(summary.get(k), float) else f"{k.upper():7s} {summary.get(k)}"
+             for k in SUMMARY_KEYS if k in summary]
+    per = summary.get("label_metrics", {}).get("amota", {})
+    if per:
+        lines.append("AMOTA per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per.items()))
+    return "\n".join(lines)
