@@ -33,7 +33,6 @@ A resume compares everything else except the initialisation (:data:`RESUME_IGNOR
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import sys

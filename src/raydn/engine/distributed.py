@@ -174,9 +174,9 @@ def cleanup_distributed(clean: bool = True) -> None:
 
 
 # ------------------------------------------------------------------ lost peers
-_PEER_FAILURE = re.compile(
-    r"connection (closed|reset|refused)|broken pipe|timed out|timeout|socket|gloo|nccl|"
-    r"peer|processgroup|collective|rendezvous|store", re.IGNORECASE)
+_PEER_FAILURE = re.compile(  # gloo's and NCCL's messages for a dead or stalled peer
+    r"connection (closed|reset|refused)|broken pipe|timed out waiting|collective operation timeout|"
+    r"gloo|nccl|processgroup", re.IGNORECASE)
 
 
 def peer_lost_error(exc: BaseException, rank: int, iteration: int | None = None):
@@ -196,9 +196,10 @@ def peer_lost_error(exc: BaseException, rank: int, iteration: int | None = None)
         return None
     cause = " ".join(str(exc).split())
     cause = re.sub(r"\[?/[^\s\]]*\.(cc|cpp|h)(:\d+)?\]?\s*", "", cause)  # C++ source locations
+    cause = cause.split(". ")[0].rstrip(".")  # gloo appends advice to read the other logs
     if len(cause) > 160:
         cause = cause[:157] + "..."
-    at = f" at iteration {iteration}" if iteration is not None else ""
+    at = f" after iteration {iteration}" if iteration is not None else ""
     return PeerLostError(f"rank {rank} lost contact with a peer process{at} ({cause}): the run can be "
                          f"resumed with --resume auto (from its latest checkpoint)")
 

@@ -16,7 +16,7 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,14 +90,7 @@ class TrainOptions:
     config_provenance: dict = field(default_factory=dict)
 
 
-def _jsonable(o):
-    if is_dataclass(o):
-        return {k: _jsonable(v) for k, v in asdict(o).items()}
-    if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    return o
+_jsonable = run_config.to_plain  # dataclasses -> dicts, tuples -> lists (one home: raydn.run_config)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float
