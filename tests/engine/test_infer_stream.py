@@ -17,7 +17,6 @@ from raydn.data.own_cameras import (CalibrationError, CameraRigFrames, load_came
                                     rig_dict_from_infos, write_rig_file)
 from raydn.data.synthetic_batch import synthetic_frame_batch
 from raydn.engine.tracking import MemoryTracker, TrackFrame
-from raydn.models.decode import decode
 from raydn.engine.stream import TorchBackend, boxes_to_global, nuscenes_stream, run_stream
 from raydn.presets import build_model, get_preset
 

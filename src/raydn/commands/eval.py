@@ -71,6 +71,7 @@ def run(args) -> int:
     from raydn.commands._args import resolve_device
     dist = setup_distributed(resolve_device(args.device))
     folder = None
+    clean = True  # after an error no barrier at cleanup (a lost peer would only raise again)
     try:
         if dist.is_main:
             folder = OutputFolder(Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval",
@@ -124,7 +125,10 @@ def run(args) -> int:
             run_tracking_eval(tpath, args.dataroot, version, args.eval_set or default_eval_set(version), out)
         print(f"metrics written to {out}")
         return 0
+    except BaseException:
+        clean = False
+        raise
     finally:
         if folder is not None:
             folder.close()
-        cleanup_distributed()
+        cleanup_distributed(clean)

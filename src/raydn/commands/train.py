@@ -148,5 +148,6 @@ def run(args) -> int:
         dry_run(opts)
         return 0
     out = train(opts)
-    print(f"finished at iteration {out['iteration']}; checkpoint: {out['checkpoint']}")
+    if out.get("is_main", True):  # one line per run, not one per process
+        print(f"finished at iteration {out['iteration']}; checkpoint: {out['checkpoint']}")
     return 0

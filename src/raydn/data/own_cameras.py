@@ -231,11 +231,7 @@ def _read_mapping(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise CalibrationError(f"{path}: cannot read the calibration file ({e})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise CalibrationError(f"{path}: reading YAML needs PyYAML (pip install 'raydn[infer]'); "
-                                   "or give the same content as JSON") from None
+        import yaml  # a core dependency
         try:
             data = yaml.load(text, Loader=_yaml_loader(str(path)))  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as e:

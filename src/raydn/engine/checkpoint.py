@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from raydn.errors import CheckpointError
 from raydn.io import atomic_torch_save  # noqa: F401  (re-exported)
 
 FORMAT = "raydn-train/1"

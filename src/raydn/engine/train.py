@@ -131,7 +131,6 @@ class Trainer:
         no run folder, fill no stem cache and write nothing (:mod:`raydn.engine.dry_run`)."""
         from raydn.data.dataset import NuScenesStreamingDataset
         from raydn.engine.initialisation import plan_initialisation, will_resume
-        from raydn.data.loader import build_train_loader
 
         self._t_created = time.time()  # the time budget counts set-up (stem cache) too
         self.opts = opts
@@ -435,7 +434,7 @@ class Trainer:
             self.close()
             return {"iteration": self.iteration, "history": self.history,
                     "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict(),
-                    "already_finished": True}
+                    "already_finished": True, "is_main": self.dist.is_main}
         if self.dist.is_main:
             print(sched.describe(), flush=True)
             self._record_config()
@@ -522,7 +521,8 @@ class Trainer:
                 log_file.close()
             self.close()
         return {"iteration": self.iteration, "history": self.history,
-                "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict()}
+                "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict(),
+                "is_main": self.dist.is_main}
 
 
 def _fitted_iters(done: int, seconds_left: float, rate: float, cap: int) -> int:
@@ -566,7 +566,7 @@ def train(opts: TrainOptions) -> dict:
     try:
         trainer = Trainer(opts, dist_info)
         result = trainer.run()
-        del trainer  # release DDP and the loader workers before leaving the process group
+        trainer = None  # release DDP and the loader workers before leaving the process group
         clean = True
         return result
     except Exception as e:

@@ -152,41 +152,9 @@ def validate_tracking_submission(path: str | os.PathLike, sample_tokens: Collect
     ``sample_tokens`` (same file-level rules and messages as
     :func:`raydn.eval.validate_submission.validate_submission`: file size, JSON, ``meta``, every
     sample, <= 500 boxes, global frame). Returns the parsed JSON."""
-    from raydn.eval.validate_submission import (MAX_BOXES_PER_SAMPLE, META_KEYS, check_global_frame)
-    from raydn.limits import MAX_SUBMISSION_FILE_BYTES, check_file_size
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: tracking submission file not found")
-    check_file_size(path, MAX_SUBMISSION_FILE_BYTES, "submission file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise DataError(f"{path}: expected an object with 'meta' and a 'results' dict (sample token -> boxes)")
-    meta = data.get("meta")
-    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
-        raise DataError(f"{path}: field 'meta' must be an object with {', '.join(META_KEYS)}, got {meta!r}")
-    results = data["results"]
-    expected = set(sample_tokens)
-    unknown = [t for t in results if t not in expected]
-    if unknown:
-        raise DataError(f"{path}: {len(unknown)} sample(s) are not in the evaluated split, e.g. {unknown[0]!r}")
-    absent = [t for t in sample_tokens if t not in results]
-    if absent:
-        raise DataError(f"{path}: {len(absent)} sample(s) of the evaluated split are missing, e.g. {absent[0]!r} "
-                        f"(every sample must be listed, with an empty list if it has no tracks)")
-    for token, recs in results.items():
-        if not isinstance(recs, list):
-            raise DataError(f"{path}: results[{token!r}] must be a list of boxes, got {type(recs).__name__}")
-        if len(recs) > MAX_BOXES_PER_SAMPLE:
-            raise DataError(f"{path}: sample {token!r} has {len(recs)} boxes; at most {MAX_BOXES_PER_SAMPLE} "
-                            f"are allowed (keep the highest-scoring ones)")
-        for i, rec in enumerate(recs):
-            check_tracking_record(f"{path}: results[{token!r}][{i}]", token, rec)
-    if ego_translation is not None:
-        check_global_frame(path, results, ego_translation)
-    return data
+    from raydn.eval.validate_submission import validate_submission
+    return validate_submission(path, sample_tokens, ego_translation=ego_translation,
+                               check=check_tracking_record, kind="tracking submission", items="tracks")
 
 
 #: The summary numbers printed (devkit ``metrics_summary.json`` keys).

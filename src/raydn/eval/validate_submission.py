@@ -110,15 +110,17 @@ def check_global_frame(path, results: Mapping[str, list], ego_translation: Mappi
 
 def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
                         max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE,
-                        ego_translation: Mapping[str, Sequence[float]] | None = None) -> dict:
+                        ego_translation: Mapping[str, Sequence[float]] | None = None, *,
+                        check=check_record, kind: str = "submission", items: str = "detections") -> dict:
     """Read and check the submission at ``path`` against the evaluated split's ``sample_tokens``
     (and, given ``ego_translation`` (token -> global ego position), that the boxes are in the global
     frame: :func:`check_global_frame`). Returns the parsed JSON; raises :class:`DataError` at the
-    first problem."""
+    first problem. ``check(where, token, record)`` checks one box record (the detection rules by
+    default; :mod:`raydn.eval.tracking` passes its own, with ``kind`` / ``items`` for the messages)."""
     from raydn.limits import MAX_SUBMISSION_FILE_BYTES, check_file_size
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: submission file not found")
+        raise DataError(f"{path}: {kind} file not found")
     check_file_size(path, MAX_SUBMISSION_FILE_BYTES, "submission file")
     try:
         data = json.loads(path.read_text())
@@ -137,7 +139,7 @@ def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
     absent = [t for t in sample_tokens if t not in results]
     if absent:
         raise DataError(f"{path}: {len(absent)} sample(s) of the evaluated split are missing, e.g. {absent[0]!r} "
-                        f"(every sample must be listed, with an empty list if it has no detections)")
+                        f"(every sample must be listed, with an empty list if it has no {items})")
     for token, recs in results.items():
         if not isinstance(recs, list):
             raise DataError(f"{path}: results[{token!r}] must be a list of boxes, got {type(recs).__name__}")
@@ -145,7 +147,7 @@ def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
             raise DataError(f"{path}: sample {token!r} has {len(recs)} boxes; at most {max_boxes_per_sample} "
                             f"are allowed (keep the highest-scoring ones)")
         for i, rec in enumerate(recs):
-            check_record(f"{path}: results[{token!r}][{i}]", token, rec)
+            check(f"{path}: results[{token!r}][{i}]", token, rec)
     if ego_translation is not None:
         check_global_frame(path, results, ego_translation)
     return data

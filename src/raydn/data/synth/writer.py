@@ -17,7 +17,7 @@ from PIL import Image
 
 from raydn.data import nuscenes_calib as calib
 from raydn.data.synth.render import CameraView, build_primitives, lidar_scan, render_camera
-from raydn.data.synth.world import (KIND_PARKED, KIND_STOPPED, SceneSim, make_token, simulate_scene)
+from raydn.data.synth.world import (KIND_STOPPED, SceneSim, make_token, simulate_scene)
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
 
 #: Camera trigger time minus the LIDAR_TOP keyframe time, µs (small, as on the real car).
