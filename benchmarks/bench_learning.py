@@ -14,9 +14,12 @@ duplicate rate vs iterations.
     # equal wall-clock (issue 9's criterion for a learning-speed option): two variants side by side
     OMP_NUM_THREADS=1 python benchmarks/bench_learning.py --variants raydn --seeds 0 --minutes 14 &
     OMP_NUM_THREADS=1 python benchmarks/bench_learning.py --variants groups3 --seeds 0 --minutes 14
+    # issue 20: dense depth supervision against the demo recipe, equal wall-clock, two seeds
+    python benchmarks/bench_learning.py --variants raydn,depth --seeds 0,1 --minutes 14
 
 Variants: ``raydn`` (demo_raydn), ``no_ray`` (demo_raydn with ray denoising off = demo_repdetr3d),
-``groups3`` (demo_raydn + 3 Group-DETR training groups), ``no_cache`` (stem cache off).
+``groups3`` (demo_raydn + 3 Group-DETR training groups), ``no_cache`` (stem cache off), ``depth``
+(demo_raydn + dense LiDAR depth supervision, ``ModelConfig.depth``, default weight 0.2).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-VARIANTS = ("raydn", "no_ray", "groups3", "no_cache", "no_dn")
+VARIANTS = ("raydn", "no_ray", "groups3", "no_cache", "no_dn", "depth")
 
 
 def variant_options(name: str) -> tuple[str, dict, dict]:
@@ -43,6 +46,9 @@ def variant_options(name: str) -> tuple[str, dict, dict]:
         return "demo_raydn", {}, {"stem_cache": "off"}
     if name == "no_dn":
         return "demo_raydn", {"head": replace(head, denoising=replace(head.denoising, enabled=False))}, {}
+    if name == "depth":
+        depth = get_preset("demo_raydn").model.depth
+        return "demo_raydn", {"depth": replace(depth, enabled=True)}, {}
     raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 

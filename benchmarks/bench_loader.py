@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raydn.data.dataset import NuScenesStreamingDataset, load_image
+from raydn.data.dataset import NuScenesStreamingDataset
+from raydn.data.images import load_image
 from raydn.data.loader import build_train_loader
 from raydn.data.transforms import (ImageAugParams, apply_image_aug, aug_config_r50,
                                    normalize_images)

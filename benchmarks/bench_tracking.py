@@ -47,7 +47,8 @@ def evaluate_checkpoint(name: str, ckpt: Path, data: Path, dataroot: Path, out: 
     from raydn.data.dataset import NuScenesStreamingDataset
     from raydn.data.infos import load_info_file
     from raydn.engine.infer import default_eval_set, stream_inference
-    from raydn.eval.tracking import run_tracking_eval, write_tracking_submission
+    from raydn.engine.tracking import write_tracking_submission
+    from raydn.eval.tracking import run_tracking_eval
     from raydn.interop.convert import load_model
     from raydn.presets import get_preset
     model = load_model(str(ckpt)).eval()

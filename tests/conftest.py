@@ -2,6 +2,7 @@
 
 ``shared_dir``: the ``../shared`` folder beside the checkout (override with RAYDN_SHARED). Parity
 tests need it; they are skipped where it is absent, except under CI (CI=true) where that fails.
+Optional packages follow the same rule: ``tests/_deps.py`` ``require``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning
 
 import pytest
 import torch
+
+from _deps import require, under_ci
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYDN_SHARED", REPO.parent / "shared"))
@@ -27,7 +30,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
     if not FIXTURES.is_dir():
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(f"official fixtures not found at {FIXTURES}")
         pytest.skip(f"official fixtures not found at {FIXTURES}")
     return FIXTURES
@@ -37,7 +40,7 @@ def load_fixture(name: str):
     """Load ``../shared/fixtures/official/<name>`` safely (weights_only)."""
     path = FIXTURES / name
     if not path.exists():
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(f"official fixture missing: {path}")
         pytest.skip(f"official fixture missing: {path}")
     return torch.load(path, weights_only=True, map_location="cpu")
@@ -59,7 +62,7 @@ def synth_params():
 @pytest.fixture(scope="session")
 def synth_world(tmp_path_factory):
     """Path of a small generated dataroot (v1.0-mini, 3 scenes x 6 keyframes)."""
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     from raydn.data.synth import generate_world
     root = tmp_path_factory.mktemp("synth") / "nuscenes"
     generate_world(root, scenes=WORLD_SCENES, seed=WORLD_SEED, samples_per_scene=WORLD_SAMPLES,
@@ -79,3 +82,15 @@ def synth_infos(synth_world, tmp_path_factory):
     from raydn.data.prepare import prepare_infos
     out = tmp_path_factory.mktemp("infos")
     return out, prepare_infos(synth_world, "v1.0-mini", out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory):
+    """A ``raydn`` model file (``save_model_file``) of the tiny_raydn preset, weights from seed 0;
+    read-only (``--checkpoint`` of the CLI tests)."""
+    from raydn.interop.convert import save_model_file
+    from raydn.presets import build_model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model_file(build_model("tiny_raydn").state_dict(), path, "tiny_raydn")
+    return path

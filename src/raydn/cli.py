@@ -12,7 +12,7 @@ import sys
 # before torch is imported; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from raydn import __version__
+from raydn import __version__, termination  # noqa: E402  (after the OMP setting above)
 
 #: (subcommand, module) in the order shown by ``raydn --help``.
 COMMANDS = (
@@ -31,6 +31,7 @@ COMMANDS = (
 
 
 from raydn.errors import RaydnError as UserError  # noqa: E402  (re-exported for commands)
+from raydn.errors import Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +62,6 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    from raydn import termination
-    from raydn.errors import Terminated
     try:
         with termination.handlers():  # SIGTERM / SIGHUP -> Terminated: the clean-up Ctrl-C runs
             rc = int(args._run(args) or 0)

@@ -133,6 +133,24 @@ class AuxHeadConfig:
 
 
 @dataclass(frozen=True)
+class DepthSupervisionConfig:
+    """Dense depth supervision from LiDAR (NOT official; training only, no inference cost):
+    a 1x1-conv depth head (:mod:`raydn.models.depth_head`) on the feature levels ``levels``
+    (indices into the head's ``num_levels`` levels, 0 = finest), trained with an L1 loss
+    (``loss_depth``, times ``loss_weight``) against the nearest LiDAR return per feature cell
+    (camera depth in metres, kept in [``min_depth``, ``max_depth``]); the points come from the
+    sample's LIDAR_TOP file, projected through the augmented ``lidar2img``. ``equal_focal``
+    (pixels): the head predicts depth for this focal length and scales it by ``|fx| /
+    equal_focal`` (Sparse4D v3's ``DenseDepthNet``), so resized inputs get consistent depths."""
+    enabled: bool = False
+    loss_weight: float = 0.2
+    levels: tuple = (0, 1, 2)
+    min_depth: float = 1.0
+    max_depth: float = 60.0
+    equal_focal: float = 100.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
@@ -142,3 +160,5 @@ class ModelConfig:
     use_grid_mask: bool = True
     img_mean: tuple = (123.675, 116.28, 103.53)   # RGB
     img_std: tuple = (58.395, 57.12, 57.375)
+    # dense depth supervision (not official; off in every preset)
+    depth: DepthSupervisionConfig = field(default_factory=DepthSupervisionConfig)

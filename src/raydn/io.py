@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from raydn.errors import FolderBusyError
+from raydn.errors import FolderBusyError, RaydnError
 
 #: marker in the names of temporary files (before the real suffix, which some writers need)
 TEMP_MARK = ".raydn-tmp"
@@ -292,13 +292,11 @@ class OutputFolder:
 
     def open(self) -> "OutputFolder":
         if self.path.exists() and not self.path.is_dir():
-            from raydn.errors import RaydnError
             raise RaydnError(f"output folder {self.path} is a file, expected a folder")
         self.created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            from raydn.errors import RaydnError
             raise RaydnError(f"cannot create output folder {self.path}: {e.strerror or e}") from None
         try:
             self._lock.acquire(wait=self.wait, on_wait=self.on_wait)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from raydn.config import (AuxHeadConfig, BackboneConfig, DenoisingConfig, HeadConfig, ModelConfig,
                           NeckConfig, RayDenoisingConfig)
 from raydn.data.transforms import AugConfig
+from raydn.errors import UnknownPresetError
+from raydn.models.detector import RayDNDetector
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,25 @@ class Preset:
     #: the initialisation the official recipe assumes (None: tiny/demo presets, which need none)
     init: InitSpec | None = None
 
+    def __post_init__(self):
+        # the network input's size / mean / std are stated once, in the model config
+        object.__setattr__(self, "train", replace(self.train, aug=model_transform(self.model, self.train.aug)))
+
     def with_overrides(self, **kw) -> "Preset":
         return replace(self, **kw)
+
+    def test_transform(self) -> AugConfig:
+        """The deterministic test-time transform of this preset's model (spec §2.4: resize to the
+        input width, bottom crop, no flip, no global augmentation) -- what eval / infer / demo use."""
+        return replace(self.train.aug, training=False)
+
+
+def model_transform(model: ModelConfig, aug: AugConfig) -> AugConfig:
+    """``aug`` with the network input size (``final_dim``), mean and std of ``model``: these are
+    stated once, in :class:`~raydn.config.ModelConfig` (``image_size``, ``img_mean``, ``img_std``),
+    and the image transform derives them."""
+    return replace(aug, final_dim=tuple(model.image_size), img_mean=tuple(model.img_mean),
+                   img_std=tuple(model.img_std))
 
 
 def _r50(ray: bool) -> Preset:
@@ -131,8 +150,7 @@ def _eva(ray: bool) -> Preset:
                               drop_path_rate=0.3, with_cp=True, out_channels=256)
     model = ModelConfig(backbone=backbone, neck=NeckConfig(enabled=False),
                         aux_head=AuxHeadConfig(strides=(4, 8, 16, 32)), head=head, image_size=(320, 800))
-    train = TrainConfig(epochs=24, backbone_lr_mult=0.1,
-                        aug=AugConfig(final_dim=(320, 800), resize_lim=(0.47, 0.625)))
+    train = TrainConfig(epochs=24, backbone_lr_mult=0.1, aug=AugConfig(resize_lim=(0.47, 0.625)))
     name = "eva02l_raydn" if ray else "eva02l_repdetr3d"
     return Preset(
         name=name, model=model, train=train,
@@ -159,8 +177,7 @@ def _tiny(ray: bool) -> Preset:
                         head=head, image_size=(128, 352), use_grid_mask=False)
     train = TrainConfig(total_batch_size=2, lr=2e-3, backbone_lr_mult=1.0, epochs=20, warmup_iters=50,
                         amp="none", grad_checkpoint=False, seq_split_num=2,
-                        aug=AugConfig(final_dim=(128, 352), resize_lim=(0.21, 0.25),
-                                      rot_range=(-0.2, 0.2), jpeg_draft=True))
+                        aug=AugConfig(resize_lim=(0.21, 0.25), rot_range=(-0.2, 0.2), jpeg_draft=True))
     name = "tiny_raydn" if ray else "tiny_repdetr3d"
     return Preset(name=name, model=model, train=train,
                   description="tiny CPU model (tests, demo): 128x352, 64-d head, 3 layers"
@@ -214,7 +231,6 @@ def get_preset(name: str | Preset) -> Preset:
     try:
         return _PRESETS[name]
     except KeyError:
-        from raydn.errors import UnknownPresetError
         raise UnknownPresetError(f"unknown preset {name!r}; available: {', '.join(_PRESETS)}") from None
 
 
@@ -222,7 +238,6 @@ def build_model(preset: str | Preset = "r50_raydn", *, options=None, **model_ove
     """Build the detector of a preset. ``options``: :class:`raydn.models.options.RuntimeOptions`
     (speed/backend choices; default the fast paths). ``model_overrides`` replace fields of its
     ``ModelConfig``."""
-    from raydn.models.detector import RayDNDetector
     p = get_preset(preset)
     cfg = replace(p.model, **model_overrides) if model_overrides else p.model
     model = RayDNDetector(cfg, options=options)

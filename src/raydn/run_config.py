@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 import sys
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from raydn import __version__
 from raydn.config import ModelConfig
 from raydn.errors import ConfigError
-from raydn.presets import Preset, TrainConfig, get_preset
+from raydn.presets import Preset, TrainConfig, get_preset, model_transform
 
 #: the top-level keys that are not ModelConfig fields
 SECTIONS = ("preset", "train", "run", "provenance")
@@ -341,6 +343,14 @@ def _resolve(preset, file_tree: dict, config_file, sets, flags) -> tuple[RunConf
                                 for t, w in overlays], "")
     train = _merge(base.train, [(t.get("train", {}), w) for t, w in overlays], "train.")
     run = _merge(base.run, [(t.get("run", {}), w) for t, w in overlays], "run.")
+    derived = model_transform(model, train.aug)   # input size / mean / std: stated in the model
+    for key, attr in (("image_size", "final_dim"), ("img_mean", "img_mean"), ("img_std", "img_std")):
+        if getattr(train.aug, attr) != getattr(derived, attr) and any(
+                attr in t.get("train", {}).get("aug", {}) for t, _ in overlays):
+            raise ConfigError(f"train.aug.{attr}: {list(getattr(train.aug, attr))} differs from the "
+                              f"model's {key} {list(getattr(model, key))}; set {key} (the transform "
+                              f"derives train.aug.{attr} from it)")
+    train = replace(train, aug=derived)
     rc = RunConfig(preset=name, model=model, train=train, run=run)
     check_values(rc)
     provenance = {"preset": name, "config_file": None if config_file is None else str(config_file),
@@ -359,6 +369,12 @@ def check_values(rc: RunConfig) -> None:
             raise ConfigError(f"{key}: expected a positive integer or null, got {v}")
     if rc.model.head.query_groups < 1:
         raise ConfigError(f"head.query_groups: expected >= 1, got {rc.model.head.query_groups}")
+    d = rc.model.depth
+    if not d.levels or any(not 0 <= int(v) < rc.model.head.num_levels for v in d.levels):
+        raise ConfigError(f"depth.levels: expected level indices in [0, {rc.model.head.num_levels}), got {list(d.levels)}")
+    if not 0 < d.min_depth < d.max_depth or d.loss_weight < 0 or d.equal_focal <= 0:
+        raise ConfigError(f"depth: expected 0 < min_depth < max_depth, loss_weight >= 0 and equal_focal > 0, "
+                          f"got {d.min_depth}, {d.max_depth}, {d.loss_weight}, {d.equal_focal}")
 
 
 # ------------------------------------------------------------------ training options <-> config
@@ -413,8 +429,6 @@ def load_run_config(text: str, where: str) -> RunConfig:
 
 def provenance_now(extra: dict | None = None) -> dict:
     """Version and command line of this process, plus ``extra``."""
-    from raydn import __version__
-    import shlex
     return {"raydn_version": __version__, "command": shlex.join(sys.argv), **(extra or {})}
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from raydn.data.dataset import NuScenesStreamingDataset
-from raydn.data.infos import pose_matrix
+from raydn.core.frames import pose_matrix
 from raydn.data.synth import render_instance_masks
 from raydn.data.transforms import AugConfig, apply_image_aug, sample_image_aug
 from raydn.geometry import CAMERA_NAMES

@@ -10,7 +10,8 @@ from pyquaternion import Quaternion
 
 from infos_helper import CAMERA_NAMES, camera_calib, make_infos, make_record, write_jpeg
 from raydn.data.batch import FrameBatch
-from raydn.data.dataset import NuScenesStreamingDataset, resolve_image_path, sequence_groups
+from raydn.data.dataset import NuScenesStreamingDataset, sequence_groups
+from raydn.data.images import resolve_image_path
 from raydn.data.loader import build_eval_loader, build_train_loader, collate_frames
 from raydn.data.transforms import aug_config_r50, limit_yaw
 

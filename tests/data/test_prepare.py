@@ -9,8 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
+from _deps import require
 
-pytest.importorskip("nuscenes")
+require("nuscenes")
 
 from raydn.data.prepare import NUS_CATEGORIES_2D, prepare_infos  # noqa: E402
 from raydn.errors import DataError  # noqa: E402

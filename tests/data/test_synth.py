@@ -8,8 +8,9 @@ import os
 
 import numpy as np
 import pytest
+from _deps import require
 
-pytest.importorskip("nuscenes")
+require("nuscenes")
 
 from raydn.data.synth import generate_world, render_instance_masks, scene_names  # noqa: E402
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES  # noqa: E402

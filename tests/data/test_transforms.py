@@ -265,7 +265,7 @@ def test_jpeg_draft_pixels_close_to_full_decode(tmp_path):
     base += rng.normal(0, 6, base.shape)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     path = write_jpeg(tmp_path / "a.jpg", img)
-    from raydn.data.dataset import load_image
+    from raydn.data.images import load_image
     from raydn.data.transforms import apply_image_aug
     p = ImageAugParams(0.44, (704, 396), (0, 140, 704, 396), False)
     full = np.asarray(apply_image_aug(load_image(path, (900, 1600)), p), dtype=np.float64)

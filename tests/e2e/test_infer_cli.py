@@ -13,18 +13,6 @@ THREE = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    import torch
-
-    from raydn.interop.convert import save_model_file
-    from raydn.presets import build_model
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model_file(build_model("tiny_raydn").state_dict(), path, "tiny_raydn")
-    return path
-
-
-@pytest.fixture(scope="module")
 def mini_val_scene(synth_world):
     from nuscenes.utils.splits import create_splits_scenes
     names = [s["name"] for s in json.loads((synth_world / "v1.0-mini" / "scene.json").read_text())]

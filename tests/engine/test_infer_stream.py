@@ -15,10 +15,12 @@ import torch
 from raydn.data.infos import load_info_file
 from raydn.data.own_cameras import (CalibrationError, CameraRigFrames, load_camera_rig,
                                     rig_dict_from_infos, write_rig_file)
+from raydn.core.frames import boxes_to_global
 from raydn.data.synthetic_batch import synthetic_frame_batch
 from raydn.engine.tracking import MemoryTracker, TrackFrame
-from raydn.engine.stream import TorchBackend, boxes_to_global, nuscenes_stream, run_stream
+from raydn.engine.stream import TorchBackend, nuscenes_stream, run_stream
 from raydn.presets import build_model, get_preset
+from _deps import require
 
 AUG = replace(get_preset("tiny_raydn").train.aug, training=False)
 THREE = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK"]
@@ -228,9 +230,9 @@ def test_ids_follow_boxes_whatever_order_tied_scores_come_in():
 
 
 def test_onnxruntime_backend_gives_the_torch_ids_and_boxes(val_records, tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    deploy = pytest.importorskip("raydn.deploy")
+    require("onnxruntime")
+    require("onnx")
+    deploy = require("raydn.deploy")
     from raydn.cli import main
     from raydn.interop.convert import save_model_file
     from raydn.engine.stream import OnnxBackend
@@ -251,3 +253,13 @@ def test_onnxruntime_backend_gives_the_torch_ids_and_boxes(val_records, tmp_path
         common = set(bx) & set(by)
         assert len(common) >= 0.95 * len(bx)                          # score-boundary ties may differ
         assert max(np.abs(np.subtract(bx[k], by[k])).max() for k in common) < 1e-3
+
+
+def test_run_stream_takes_options_or_keywords_not_both():
+    """``run_stream``'s outputs are one :class:`StreamOptions` (or its fields as keywords); both at
+    once is refused before any work (no frame is read, no file written)."""
+    from raydn.engine.stream import StreamOptions
+    with pytest.raises(TypeError, match="not both"):
+        run_stream(None, [], StreamOptions(score_thr=0.5), out="never.jsonl")
+    with pytest.raises(TypeError):
+        StreamOptions(no_such_field=1)

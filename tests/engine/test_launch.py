@@ -1,18 +1,16 @@
 """Local multi-process training (raydn.engine.launch): the demo's 2 x 1-thread data parallelism."""
+from functools import partial
+
 import pytest
 import torch
 
 from raydn.engine.checkpoint import safe_torch_load
 from raydn.engine.launch import default_procs, train_local_processes
-from raydn.engine.train import Trainer, TrainOptions
+from raydn.engine.train import Trainer
+from _train_options import train_options
 
 
-def _opts(infos, out, **kw):
-    base = dict(preset="tiny_raydn", data=str(infos[1]["train"]), out_dir=str(out), max_iters=4,
-                seed=5, workers=0, ckpt_interval=1000, log_interval=1, progress=False,
-                tensorboard=False, device="cpu")
-    base.update(kw)
-    return TrainOptions(**base)
+_opts = partial(train_options, max_iters=4, seed=5)
 
 
 def test_default_procs_is_bounded_by_batch_and_device():

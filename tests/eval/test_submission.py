@@ -15,6 +15,7 @@ from raydn.eval.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
 from raydn.eval.submission import (attribute_table, build_submission, detections_to_global,
                                    load_results_arrays, results_to_arrays, write_results_json)
 from raydn.geometry import CLASS_NAMES
+from _deps import require
 
 
 def _q(yaw):
@@ -62,7 +63,7 @@ def test_bottom_centre_input():
 def test_matches_mmdet3d_pipeline_with_nuscenes_box():
     """Oracle: mmdet3d's output_to_nusc_box + lidar_nusc_box_to_global written with the devkit's
     Box and pyquaternion, on random boxes and non-trivial calibrations (pitch/roll included)."""
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     from nuscenes.utils.data_classes import Box
     from pyquaternion import Quaternion
 
@@ -145,7 +146,7 @@ def test_class_range_filter_in_ego_bev():
 
 
 def test_json_valid_and_accepted_by_devkit_loader(tmp_path):
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     from nuscenes.eval.common.loaders import load_prediction
     from nuscenes.eval.detection.data_classes import DetectionBox
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from raydn.errors import DataError
-from raydn.eval.tracking import (build_tracking_submission, stream_flags, track_detections,
-                                 validate_tracking_submission, write_tracking_submission)
+from raydn.engine.tracking import track_detections, write_tracking_submission
+from raydn.eval.tracking import build_tracking_submission, stream_flags, validate_tracking_submission
 from raydn.geometry import CLASS_NAMES
+from _deps import require
 
 CAR, PED, BARRIER = (CLASS_NAMES.index(n) for n in ("car", "pedestrian", "barrier"))
 
@@ -101,7 +102,7 @@ def test_devkit_tracking_metric_runs_on_our_submission(nusc_world, tmp_path):
     """Both trackers' submissions of the synthetic world (noisy copies of the GT + false
     positives) are accepted and scored by nuscenes-devkit's TrackingEval; the GT tracks are the
     world's instance tokens, so tracking the noisy copies finds most of them."""
-    pytest.importorskip("motmetrics")
+    require("motmetrics")
     from raydn.eval.tracking import run_tracking_eval
     w = nusc_world
     infos = []
@@ -130,7 +131,7 @@ def test_devkit_tracking_metric_runs_on_our_submission(nusc_world, tmp_path):
 def test_raydn_eval_tracking_cli(synth_world, synth_infos, tmp_path, capsys):
     """`raydn eval --tracking` (memory tracker) writes the tracking submission next to the detection
     one and scores it; `--submission FILE --tracking` re-scores it; a bad file is a clean error."""
-    pytest.importorskip("motmetrics")
+    require("motmetrics")
     from raydn.cli import main
     from raydn.interop.convert import save_model_file
     from raydn.presets import build_model

@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+require("onnxruntime")
+require("onnxscript")
 
 from raydn.cli import main  # noqa: E402
 from raydn.data.synthetic_batch import synthetic_frame_batch  # noqa: E402
@@ -168,7 +169,7 @@ def test_export_refuses_the_fused_sampler_and_bad_cli_input(tmp_path, capsys):
 def test_raydn_infer_with_the_onnxruntime_backend_matches_torch(exported, synth_world, tmp_path, capsys):
     """`raydn infer --backend onnxruntime --onnx DIR` on a synthetic nuScenes scene gives the
     torch backend's detections (same checkpoint) frame by frame."""
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     _, out = exported
     ckpt = out.parent / "model.pt"
     scene = [s["name"] for s in json.loads((synth_world / "v1.0-mini" / "scene.json").read_text())][0]

@@ -12,6 +12,7 @@ from raydn.engine.tracking import MemoryTracker, TrackFrame
 from raydn.engine.stream import TorchBackend
 from raydn.models.decode import bev_nms_keep, decode
 from raydn.presets import build_model, get_preset
+from _deps import require
 
 
 def _greedy(xy: np.ndarray, labels: np.ndarray, radius) -> np.ndarray:
@@ -113,7 +114,7 @@ def test_query_ids_follow_the_nms_decoder():
 
 
 def test_onnx_detections_apply_the_exported_nms():
-    deploy = pytest.importorskip("raydn.deploy")
+    deploy = require("raydn.deploy")
     det = deploy.OnnxDetector.__new__(deploy.OnnxDetector)   # only the metadata matters here
     boxes = np.zeros((1, 4, 9), np.float32)
     boxes[0, :, 0] = [0.0, 1.0, 10.0, 0.5]

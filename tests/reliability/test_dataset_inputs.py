@@ -13,15 +13,15 @@ import time
 
 import numpy as np
 import pytest
-import torch
+from _deps import require
+from _procs import slow_prepare_script
 
-pytest.importorskip("nuscenes")
+require("nuscenes")
 
 from raydn.cli import main as cli_main  # noqa: E402
 from raydn.data.dataset import NuScenesStreamingDataset  # noqa: E402
 from raydn.engine.train import Trainer, TrainOptions  # noqa: E402
-from raydn.interop.convert import save_model_file  # noqa: E402
-from raydn.presets import build_model, get_preset  # noqa: E402
+from raydn.presets import get_preset  # noqa: E402
 from world_edit import (camera_file, copy_world, drop_scene_annotations, keep_first_sample,  # noqa: E402
                         make_test_split)
 
@@ -43,14 +43,6 @@ def _train(infos_path, out, iters):
     return Trainer(TrainOptions(preset="tiny_raydn", data=str(infos_path), out_dir=str(out), max_iters=iters,
                                 workers=0, ckpt_interval=1000, progress=False, tensorboard=False,
                                 device="cpu")).run()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model_file(build_model("tiny_raydn").state_dict(), path, "tiny_raydn")
-    return path
 
 
 def test_test_split_prepares_and_eval_refuses_to_score(synth_world, tmp_path, capsys, tiny_model_file):
@@ -155,18 +147,7 @@ def test_nonexistent_dataroot(tmp_path, capsys):
     assert not (tmp_path / "infos").exists()
 
 
-_SLOW_PREPARE = """
-import sys, time
-import raydn.data.prepare as p
-build = p.build_info
-def slow(*a, **kw):
-    time.sleep(0.2)
-    return build(*a, **kw)
-p.build_info = slow
-from raydn.cli import main
-sys.exit(main(["prepare", "--dataroot", sys.argv[1], "--version", "v1.0-mini", "--out", sys.argv[2],
-               "--no-progress"]))
-"""
+_SLOW_PREPARE = slow_prepare_script(0.2)
 
 
 def _locked(folder) -> bool:

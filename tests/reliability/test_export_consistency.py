@@ -13,9 +13,10 @@ import shutil
 
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+require("onnxruntime")
+require("onnxscript")
 
 from raydn.cli import main  # noqa: E402
 from raydn.interop.export import (  # noqa: E402

@@ -15,6 +15,7 @@ from raydn.cli import main
 from raydn.errors import CheckpointError
 from raydn.interop.convert import load_model, save_model_file
 from raydn.presets import build_model
+from _deps import require
 
 PRESET = "tiny_raydn"
 
@@ -72,7 +73,7 @@ def test_infer_refuses_a_preset_other_than_the_checkpoints(named, tmp_path, caps
 
 
 def test_infer_with_the_checkpoints_own_preset_runs_at_its_input_size(named, synth_world, tmp_path, capsys):
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     scene = json.loads((synth_world / "v1.0-mini" / "scene.json").read_text())[0]["name"]
     out = tmp_path / "dets.jsonl"
     rc, text, err = _cli(capsys, "infer", "--checkpoint", str(named), "--preset", PRESET,

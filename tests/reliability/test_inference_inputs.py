@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raydn.data.synthetic_batch import synthetic_frame_batch
-from raydn.data.validate import check_frame_batch
+from raydn.core.batch import check_frame_batch
 from raydn.errors import DataError
 from raydn.presets import build_model
 

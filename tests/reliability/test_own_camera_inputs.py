@@ -23,6 +23,7 @@ from raydn.cli import main as cli_main
 from raydn.data.infos import load_info_file
 from raydn.data.own_cameras import CalibrationError, CameraRigFrames, load_camera_rig, rig_dict_from_infos, write_rig_file
 from raydn.presets import get_preset
+from _deps import require
 
 AUG = replace(get_preset("tiny_raydn").train.aug, training=False)
 FRONT = ["CAM_FRONT"]
@@ -142,7 +143,7 @@ def test_duplicate_keys_are_refused_in_json_and_yaml(val_records, tmp_path):
     (tmp_path / "dup.json").write_text(bad)
     with pytest.raises(CalibrationError, match=r"dup\.json: key 'intrinsics' is given twice"):
         load_camera_rig(tmp_path / "dup.json")
-    pytest.importorskip("yaml")
+    require("yaml")
     lines = write_rig_file(rig, tmp_path / "ok.yaml").read_text().splitlines()
     j = next(k for k, s in enumerate(lines) if "name: CAM_FRONT" in s)
     indent = lines[j + 1][:len(lines[j + 1]) - len(lines[j + 1].lstrip())]
@@ -156,7 +157,7 @@ def test_duplicate_keys_are_refused_in_json_and_yaml(val_records, tmp_path):
 @pytest.mark.parametrize("suffix", ["json", "yaml"])
 def test_a_deeply_nested_calibration_file_is_a_clear_error(tmp_path, capsys, suffix):
     if suffix == "yaml":
-        pytest.importorskip("yaml")
+        require("yaml")
     path = tmp_path / f"deep.{suffix}"
     path.write_text('{"cameras": ' + "[" * 100_000 + "]" * 100_000 + ', "frames": []}')
     with pytest.raises(CalibrationError, match=rf"deep\.{suffix}: nested too deeply to read"):
@@ -181,16 +182,6 @@ def test_matrix_fields_are_bounded_before_conversion(val_records, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ worker errors
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    from raydn.interop.convert import save_model_file
-    from raydn.presets import build_model
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model_file(build_model("tiny_raydn").state_dict(), path, "tiny_raydn")
-    return path
-
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_undecodable_image_in_a_worker_is_one_line_and_leaves_no_output(val_records, tiny_model_file,

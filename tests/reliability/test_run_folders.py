@@ -18,27 +18,13 @@ from raydn.cli import main as cli_main
 from raydn.errors import FolderBusyError
 from raydn.io import (LOCK_NAME, FolderLock, OutputFolder, atomic_torch_save, atomic_write_json,
                       clean_stale_temp_files, lock_holder)
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _raydn(*argv):
-    return [sys.executable, "-m", "raydn.cli", *map(str, argv)]
+from _deps import require
+from _procs import CHILD_ENV, raydn_argv, wait_for
 
 
 def _train_cmd(infos, out, *extra):
-    return _raydn("train", "--preset", "tiny_raydn", "--data", infos[1]["train"], "--out", out, "--device", "cpu",
-                  "--workers", "0", "--no-progress", "--log-interval", "1", *extra)
-
-
-def _wait_for(cond, proc, what, timeout=240):
-    deadline = time.time() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"{what}: the process ended first (rc {proc.returncode})\n{out[-2000:]}\n{err[-2000:]}")
-        assert time.time() < deadline, what
-        time.sleep(0.05)
+    return raydn_argv("train", "--preset", "tiny_raydn", "--data", infos[1]["train"], "--out", out, "--device", "cpu",
+                      "--workers", "0", "--no-progress", "--log-interval", "1", *extra)
 
 
 def _iterations_logged(out):
@@ -52,13 +38,13 @@ def test_second_train_into_a_busy_folder_fails_at_once(synth_infos, tmp_path):
     releases the folder: a third run resumes from its checkpoint."""
     out = tmp_path / "run"
     first = subprocess.Popen(_train_cmd(synth_infos, out, "--max-iters", "500", "--ckpt-interval", "1000"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
-        _wait_for(lambda: _iterations_logged(out), first, "first run never trained")
+        wait_for(lambda: _iterations_logged(out), first, "first run never trained")
         log_before = (out / "log.txt").read_text()
         t0 = time.time()
         second = subprocess.run(_train_cmd(synth_infos, out, "--max-iters", "2"), capture_output=True,
-                                text=True, env=ENV, timeout=300)
+                                text=True, env=CHILD_ENV, timeout=300)
         assert second.returncode == 2, second.stdout + second.stderr
         assert second.stderr == (f"raydn train: error: another raydn train (pid {first.pid}) is writing into {out}; "
                                  f"wait for it to end or choose another output folder\n"), second.stderr
@@ -74,7 +60,7 @@ def test_second_train_into_a_busy_folder_fails_at_once(synth_infos, tmp_path):
     assert first.returncode == 143, f_err[-3000:]
     assert lock_holder(out) is None and not (out / LOCK_NAME).exists()
     third = subprocess.run(_train_cmd(synth_infos, out, "--max-iters", "2"), capture_output=True, text=True,
-                           env=ENV, timeout=300)
+                           env=CHILD_ENV, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
 
 
@@ -84,7 +70,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom raydn.io import FolderLock\n"
                                "lock = FolderLock(sys.argv[1], 'export').acquire()\nprint('locked', flush=True)\n"
-                               "time.sleep(600)", str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+                               "time.sleep(600)", str(out)], stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert lock_holder(out) == {"pid": holder.pid, "host": os.uname().nodename, "command": "raydn export"}
@@ -195,7 +181,7 @@ def test_a_command_that_writes_nothing_leaves_no_folder(tmp_path):
 def test_eval_the_devkit_rejects_leaves_no_empty_out_folder(synth_infos, synth_world, tmp_path, capsys):
     """A submission past our checks that the devkit rejects (scored against another split): exit 2, one
     line, and the --out folder it would have written is not left behind empty."""
-    pytest.importorskip("nuscenes")
+    require("nuscenes")
     from test_submission_inputs import _write
     from raydn.data.infos import load_info_file
     from raydn.eval.submission import build_submission

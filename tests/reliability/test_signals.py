@@ -17,23 +17,7 @@ import torch
 from raydn import termination
 from raydn.errors import Terminated
 from raydn.io import LOCK_NAME, lock_holder
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _raydn(*argv):
-    return [sys.executable, "-m", "raydn.cli", *map(str, argv)]
-
-
-def _wait_for(cond, proc, what, timeout=240):
-    deadline = time.time() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"{what}: the process ended first (rc {proc.returncode})\n{out[-2000:]}\n{err[-2000:]}")
-        assert time.time() < deadline, what
-        time.sleep(0.05)
-
+from _procs import CHILD_ENV, raydn_argv, slow_prepare_script, wait_for
 
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
@@ -59,13 +43,13 @@ def test_sigterm_during_training_saves_and_exits_143(synth_infos, tmp_path):
     file, no lock left, the loader worker gone; ``--resume auto`` continues from iteration N."""
     from raydn.engine.train import Trainer, TrainOptions
     out = tmp_path / "run"
-    proc = subprocess.Popen(_raydn("train", "--preset", "tiny_raydn", "--data", synth_infos[1]["train"], "--out", out,
-                                   "--device", "cpu", "--workers", "1", "--no-progress", "--log-interval", "1",
-                                   "--max-iters", "500", "--ckpt-interval", "1000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(raydn_argv("train", "--preset", "tiny_raydn", "--data", synth_infos[1]["train"], "--out", out,
+                                       "--device", "cpu", "--workers", "1", "--no-progress", "--log-interval", "1",
+                                       "--max-iters", "500", "--ckpt-interval", "1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
-        _wait_for(lambda: (out / "log.txt").is_file() and '"iter"' in (out / "log.txt").read_text(), proc,
-                  "training never started")
+        wait_for(lambda: (out / "log.txt").is_file() and '"iter"' in (out / "log.txt").read_text(), proc,
+                 "training never started")
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         p_out, p_err = proc.communicate(timeout=300)
@@ -92,18 +76,7 @@ def test_sigterm_during_training_saves_and_exits_143(synth_infos, tmp_path):
         trainer.close()
 
 
-_SLOW_PREPARE = """
-import sys, time
-import raydn.data.prepare as p
-build = p.build_info
-def slow(*a, **kw):
-    time.sleep(0.3)
-    return build(*a, **kw)
-p.build_info = slow
-from raydn.cli import main
-sys.exit(main(["prepare", "--dataroot", sys.argv[1], "--version", "v1.0-mini", "--out", sys.argv[2],
-               "--no-progress"]))
-"""
+_SLOW_PREPARE = slow_prepare_script(0.3)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
@@ -112,9 +85,9 @@ def test_signal_during_prepare_leaves_no_folder(synth_world, tmp_path, sig):
     line, exit 128 + signal, and the folder it created is gone (not left empty)."""
     out = tmp_path / "infos"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(synth_world), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
-        _wait_for(lambda: lock_holder(out) is not None, proc, "prepare never took the folder")
+        wait_for(lambda: lock_holder(out) is not None, proc, "prepare never took the folder")
         time.sleep(0.5)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
@@ -132,7 +105,7 @@ def test_closed_stdout_pipe_is_quiet():
     r, w = os.pipe()
     os.close(r)                               # the reader is gone before anything is written
     try:
-        proc = subprocess.run(_raydn("presets"), stdout=w, stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
+        proc = subprocess.run(raydn_argv("presets"), stdout=w, stderr=subprocess.PIPE, text=True, env=CHILD_ENV, timeout=120)
     finally:
         os.close(w)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr

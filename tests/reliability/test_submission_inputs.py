@@ -9,8 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from _deps import require
 
-pytest.importorskip("nuscenes")
+require("nuscenes")
 
 from raydn.cli import main as cli_main  # noqa: E402
 from raydn.data.infos import load_info_file  # noqa: E402
@@ -127,9 +128,9 @@ def test_devkit_rejection_leaves_no_empty_plots_folder(good_results, synth_world
 
 def _to_ego_frame(results, infos):
     """The same boxes moved from the global frame into each sample's ego (vehicle) frame."""
-    from raydn.data.infos import quaternion_to_matrix
+    from raydn.core.frames import quat_to_matrix
     poses = {r["token"]: (np.asarray(r["ego2global_translation"], np.float64),
-                          quaternion_to_matrix(r["ego2global_rotation"])) for r in infos}
+                          quat_to_matrix(r["ego2global_rotation"])) for r in infos}
     out = copy.deepcopy(results)
     for token, recs in out.items():
         t, R = poses[token]

@@ -3,6 +3,7 @@
 checkpoints every 2; the resumed runs must equal the uninterrupted one bit for bit (CPU)."""
 from __future__ import annotations
 
+from functools import partial
 import errno
 import os
 import signal
@@ -14,17 +15,14 @@ import pytest
 import torch
 
 from raydn.cli import main as cli_main
-from raydn.engine.train import Trainer, TrainOptions
+from raydn.engine.train import Trainer
 from raydn.errors import CheckpointError
+from _train_options import train_options
 
 HERE = Path(__file__).resolve().parent
 
 
-def _opts(infos, out, **kw):
-    base = dict(preset="tiny_raydn", data=str(infos[1]["train"]), out_dir=str(out), max_iters=6, seed=7,
-                workers=0, ckpt_interval=2, log_interval=1, progress=False, tensorboard=False, device="cpu")
-    base.update(kw)
-    return TrainOptions(**base)
+_opts = partial(train_options, ckpt_interval=2)  # train_kill_worker.py's run
 
 
 @pytest.fixture(scope="module")

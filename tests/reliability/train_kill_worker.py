@@ -9,17 +9,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
-from raydn.engine.train import Trainer, TrainOptions
+from raydn.engine.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared options
+from _train_options import train_options  # noqa: E402
 
 
 def main() -> None:
     infos, out, mode, at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(int(sys.argv[5]))   # the parent's: same reductions, same bits
-    opts = TrainOptions(preset="tiny_raydn", data=infos, out_dir=out, max_iters=6, seed=7, workers=0,
-                        ckpt_interval=2, log_interval=1, progress=False, tensorboard=False, device="cpu")
+    opts = train_options(infos, out, ckpt_interval=2)   # test_training_interruptions.py's _opts
     if mode == "run":
         step = Trainer.train_step
 

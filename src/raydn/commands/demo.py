@@ -70,31 +70,19 @@ def _step(title: str):
 
 
 def run(args) -> int:
+    """The five steps, each a function of this module or of the engine (the evaluation is
+    :func:`raydn.engine.evaluate.evaluate_checkpoint`, the sequence ``raydn eval`` runs)."""
     from pathlib import Path
 
     import torch
 
     from raydn.data.prepare import prepare_infos
-    from raydn.data.synth import generate_world
-    from raydn.engine.infer import evaluate_submission, stream_inference, write_submission
-    from raydn.engine.launch import default_cores, default_procs, train_local_processes
-    from raydn.engine.train import TrainOptions
-    from raydn.presets import build_model
-    from raydn.engine.checkpoint import safe_torch_load
-    from raydn.viz.render import (denormalize_images, plot_training_curves, render_frame,
-                                  save_image_atomic)
+    from raydn.engine.evaluate import EvalOptions, evaluate_checkpoint
+    from raydn.io import atomic_write_json
+    from raydn.viz.render import plot_training_curves
 
-    from raydn.geometry import CLASS_NAMES
-    from raydn.presets import get_preset
-    bb = get_preset(args.preset).model.backbone
-    if bb.pretrained:  # fail before minutes of world generation, not after
-        from raydn.errors import CheckpointError
-        from raydn.models.backbones.mobilenet import resolve_pretrained
-        try:
-            resolve_pretrained(bb.pretrained, bb.name)
-        except CheckpointError as e:
-            print(f"error: preset {args.preset}: {e} (or pass --preset tiny_raydn)")
-            return 2
+    if not _backbone_weights_present(args.preset):  # fail before minutes of world generation, not after
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
@@ -106,14 +94,7 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
 
     t = _step(f"1/5 synthetic world: {scenes} scenes x {spp} samples")
-    root = out / "world"
-    wanted = dict(seed=args.seed, profile=args.profile, samples_per_scene=spp, n_scenes=scenes)
-    if _existing_world(root) == wanted:
-        print(f"reusing {root} (same seed, profile and size)")
-    else:
-        generate_world(root, scenes=scenes, seed=args.seed, split="mini", samples_per_scene=spp,
-                       workers=max(1, args.workers), progress=progress, profile=args.profile,
-                       overwrite=True)
+    root = _synthetic_world(out / "world", args, scenes, spp, progress)
     timings["world"] = time.time() - t
 
     t = _step("2/5 info records (official format)")
@@ -121,11 +102,71 @@ def run(args) -> int:
     timings["prepare"] = time.time() - t
 
     t = _step(f"3/5 training {args.preset} (ray denoising on)")
+    result, procs = _train(args, paths["train"], out / "train", iters, progress, t_start)
+    timings["train"] = time.time() - t
+    curve = plot_training_curves(result["history"], out / "loss_curve.png")
+
+    t = _step("4/5 streaming inference on mini_val + official nuScenes metric")
+    # inference NMS-free (the model's own output), then the preset's NMS on top: both are scored
+    ev = evaluate_checkpoint(result["checkpoint"], paths["val"], out / "eval", EvalOptions(
+        dataroot=root, version="v1.0-mini", eval_set="mini_val", evaluator="devkit", plots=True,
+        score_without_nms=True, keep_frames=args.num_frames, num_workers=args.workers, progress=progress))
+    timings["eval"] = time.time() - t
+
+    t = _step("5/5 pictures")
+    pictures = _render_pictures(ev, args.num_frames, out / "frames")
+    timings["render"] = time.time() - t
+
+    report = _report(args.preset, ev, result, procs, timings, files={
+        "world": str(root), "infos": {k: str(v) for k, v in paths.items()},
+        "checkpoint": result["checkpoint"], "submission": str(ev.submission),
+        "metrics": str(out / "eval" / "metrics_summary.json"),
+        "loss_curve": str(curve), "frames": [str(p) for p in pictures]})
+    atomic_write_json(out / "report.json", report, indent=2)
+    _print_report(report, ev, timings, out)
+    return 0
+
+
+def _backbone_weights_present(preset: str) -> bool:
+    """Whether the preset's pretrained backbone weights can be found (else say so: False)."""
+    from raydn.errors import CheckpointError
+    from raydn.models.backbones.mobilenet import resolve_pretrained
+    from raydn.presets import get_preset
+    bb = get_preset(preset).model.backbone
+    if bb.pretrained:
+        try:
+            resolve_pretrained(bb.pretrained, bb.name)
+        except CheckpointError as e:
+            print(f"error: preset {preset}: {e} (or pass --preset tiny_raydn)")
+            return False
+    return True
+
+
+def _synthetic_world(root, args, scenes: int, spp: int, progress: bool):
+    """The world at ``root``: reused when ``raydn synth`` wrote it with the same seed, profile and
+    size, else generated."""
+    from raydn.data.synth import generate_world
+    wanted = dict(seed=args.seed, profile=args.profile, samples_per_scene=spp, n_scenes=scenes)
+    if _existing_world(root) == wanted:
+        print(f"reusing {root} (same seed, profile and size)")
+    else:
+        generate_world(root, scenes=scenes, seed=args.seed, split="mini", samples_per_scene=spp,
+                       workers=max(1, args.workers), progress=progress, profile=args.profile,
+                       overwrite=True)
+    return root
+
+
+def _train(args, train_infos, out_dir, iters: int, progress: bool, t_start: float) -> tuple[dict, int]:
+    """Train the preset (in ``--procs`` processes) within what is left of the demo's time budget
+    -> ``(the training result, the number of processes)``."""
+    from raydn.engine.launch import default_cores, default_procs, train_local_processes
+    from raydn.engine.train import TrainOptions
+    from raydn.presets import get_preset
     budget = None
     if args.time_budget > 0 and not args.quick:  # what is left, less a reserve for evaluation + pictures
         budget = max(0.0, 60.0 * args.time_budget - (time.time() - t_start) - _EVAL_RESERVE_S)
         print(f"training budget: {budget / 60:.1f} min (demo budget {args.time_budget:g} min)")
-    opts = TrainOptions(preset=args.preset, data=str(paths["train"]), out_dir=str(out / "train"),
+    opts = TrainOptions(preset=args.preset, data=str(train_infos), out_dir=str(out_dir),
                         max_iters=iters, seed=args.seed, workers=args.workers,
                         ckpt_interval=10 ** 9, log_interval=25, progress=progress, device="cpu",
                         time_budget_s=budget, budget_min_iters=None if args.quick else args.min_iters)
@@ -137,53 +178,31 @@ def run(args) -> int:
     if procs > 1:
         print(f"{procs} training processes (data parallel over gloo, "
               f"{max(1, default_cores() // procs)} thread(s) each; --procs 1: one process)")
-    result = train_local_processes(opts, procs)
-    timings["train"] = time.time() - t
-    curve = plot_training_curves(result["history"], out / "loss_curve.png")
+    return train_local_processes(opts, procs), procs
 
-    t = _step("4/5 streaming inference on mini_val + official nuScenes metric")
-    from dataclasses import replace
 
-    from raydn.data.dataset import NuScenesStreamingDataset
-    from raydn.models.decode import apply_bev_nms
-    preset = get_preset(args.preset)
-    radius = preset.model.head.nms_radius
-    model = build_model(args.preset)
-    model.load_state_dict(safe_torch_load(result["checkpoint"], map_location="cpu")["model"])
-    model.eval()
-    aug = replace(preset.train.aug, training=False)
-    val = NuScenesStreamingDataset(str(paths["val"]), aug, test_mode=True)
-    keep = set(range(0, len(val), max(1, len(val) // max(1, args.num_frames))))
-    # inference NMS-free (the model's own output), then the preset's NMS on top: both are scored
-    raw, batches = stream_inference(model, val, num_workers=args.workers, progress=progress,
-                                    keep_batches=keep, nms=False)
-    dets = raw if radius is None else [apply_bev_nms(d, radius) for d in raw]
-    sub = write_submission(dets, val.infos, out / "eval" / "results_nusc.json")
-    rep = evaluate_submission(sub, dataroot=root, version="v1.0-mini", eval_set="mini_val",
-                              out_dir=out / "eval", evaluator="devkit", plots=True)
-    raw_metrics = None
-    if radius is not None:  # the NMS-free output, with the fast evaluator (= the devkit to 1e-6)
-        raw_sub = write_submission(raw, val.infos, out / "eval" / "no_nms" / "results_nusc.json")
-        raw_metrics = evaluate_submission(raw_sub, dataroot=root, version="v1.0-mini", eval_set="mini_val",
-                                          out_dir=out / "eval" / "no_nms", evaluator="fast",
-                                          plots=False, quiet=True).fast_metrics
-    from raydn.eval.ray_duplicates import format_ray_duplicates, ray_duplicates
-    ray_dup = ray_duplicates(raw, val.infos)
-    timings["eval"] = time.time() - t
-
-    t = _step("5/5 pictures")
+def _render_pictures(ev, num_frames: int, folder) -> list:
+    """The kept frames' six cameras with predicted (score >= 0.3) and ground-truth boxes."""
+    from raydn.viz.render import denormalize_images, render_frame, save_image_atomic
+    aug = ev.dataset.aug
     pictures = []
-    for idx in sorted(batches)[: args.num_frames]:
-        b = batches[idx]
+    for idx in sorted(ev.batches)[:num_frames]:
+        b = ev.batches[idx]
         imgs = denormalize_images(b.images[0], aug.img_mean, aug.img_std)
         gt = b.gt_boxes[0] if b.gt_boxes is not None else None
-        im = render_frame(imgs, b.lidar2img[0], dets[idx], gt, score_threshold=0.3,
+        im = render_frame(imgs, b.lidar2img[0], ev.detections[idx], gt, score_threshold=0.3,
                           title=f"{b.meta[0]['sample_token'][:8]}  score>=0.3")
-        pictures.append(save_image_atomic(im, out / "frames" / f"frame_{idx:04d}.png"))
-    timings["render"] = time.time() - t
+        pictures.append(save_image_atomic(im, folder / f"frame_{idx:04d}.png"))
+    return pictures
 
-    m = rep.metrics
-    report = {
+
+def _report(preset: str, ev, result: dict, procs: int, timings: dict, files: dict) -> dict:
+    """``report.json``: the metric with and without NMS, ray duplicates, target, schedule, timings."""
+    from raydn.geometry import CLASS_NAMES
+    from raydn.presets import get_preset
+    radius = get_preset(preset).model.head.nms_radius
+    m, raw_metrics = ev.report.metrics, ev.raw_metrics
+    return {
         "NDS": m["nd_score"], "mAP": m["mean_ap"], "tp_errors": m["tp_errors"],
         "per_class_AP": m["mean_dist_aps"], "iterations": result["iteration"], "train_processes": procs,
         "decoding": ("NMS-free (official)" if radius is None else
@@ -191,30 +210,30 @@ def run(args) -> int:
         "without_nms": None if raw_metrics is None else {
             "NDS": raw_metrics["nd_score"], "mAP": raw_metrics["mean_ap"], "tp_errors": raw_metrics["tp_errors"],
             "evaluator": "raydn fast evaluator (equal to nuscenes-devkit to 1e-6)"},
-        "ray_duplicates": {k: v for k, v in ray_dup.items()},
+        "ray_duplicates": dict(ev.ray_duplicates),
         "target": dict(TARGET, reached=bool(m["mean_ap"] >= TARGET["mAP"] and m["nd_score"] >= TARGET["NDS"])),
         "schedule": result["schedule"], "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "files": {"world": str(root), "infos": {k: str(v) for k, v in paths.items()},
-                  "checkpoint": result["checkpoint"], "submission": str(sub),
-                  "metrics": str(out / "eval" / "metrics_summary.json"),
-                  "loss_curve": str(curve), "frames": [str(p) for p in pictures]},
+        "files": files,
     }
-    from raydn.io import atomic_write_json
-    atomic_write_json(out / "report.json", report, indent=2)
+
+
+def _print_report(report: dict, ev, timings: dict, out) -> None:
+    from raydn.eval.ray_duplicates import format_ray_duplicates
+    m, raw_metrics = ev.report.metrics, ev.raw_metrics
     total = sum(timings.values())
     print("\n================ raydn demo report ================")
     print(f"synthetic mini_val: NDS {m['nd_score']:.4f}  mAP {m['mean_ap']:.4f}  "
           f"(official nuScenes metric, detection_cvpr_2019"
-          + (")" if radius is None else "; decoded with the preset's class-wise BEV NMS)"))
+          + (")" if report["decoding"] == "NMS-free (official)" else
+             "; decoded with the preset's class-wise BEV NMS)"))
     if raw_metrics is not None:
         print(f"  without NMS (the model's own NMS-free output): NDS {raw_metrics['nd_score']:.4f}  "
               f"mAP {raw_metrics['mean_ap']:.4f}")
     print(f"project target: mAP >= {TARGET['mAP']:.2f}, NDS >= {TARGET['NDS']:.2f} in <= 15 min on 2 cores: "
           + ("reached" if report["target"]["reached"] else "NOT reached (see README, 'Demo accuracy')"))
     print("TP errors: " + ", ".join(f"{k} {v:.3f}" for k, v in m["tp_errors"].items()))
-    print(format_ray_duplicates(ray_dup) + " (NMS-free output)")
-    print(f"trained {result['iteration']} iterations; time: "
+    print(format_ray_duplicates(ev.ray_duplicates) + " (NMS-free output)")
+    print(f"trained {report['iterations']} iterations; time: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
-    print(f"pictures: {out / 'frames'}  loss curve: {curve}")
+    print(f"pictures: {out / 'frames'}  loss curve: {report['files']['loss_curve']}")
     print(f"report: {out / 'report.json'}")
-    return 0

@@ -40,90 +40,64 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    if args.submission:
+        return _score_submission(args)
+    return _evaluate_checkpoint(args)
+
+
+def _score_submission(args) -> int:
+    """``--submission FILE``: check and score an existing (detection or tracking) submission."""
     from pathlib import Path
 
-    from raydn.data.dataset import NuScenesStreamingDataset
-    from raydn.data.infos import load_info_file
-    from raydn.engine.distributed import cleanup_distributed, setup_distributed
-    from raydn.engine.infer import evaluate_submission, stream_inference, write_submission
-    from raydn.interop.convert import load_model
-    from raydn.presets import get_preset
-
     from raydn.io import OutputFolder  # locked while writing; a run that writes nothing leaves no folder
-    if args.submission and args.tracking:
+    where = args.out or Path(args.submission).resolve().parent
+    if args.tracking:
+        out = Path(where)
+        from raydn.data.infos import load_info_file
         from raydn.engine.infer import default_eval_set
         from raydn.eval.tracking import run_tracking_eval
-        out = Path(args.out or Path(args.submission).resolve().parent)
         version = args.version or load_info_file(args.data).get("metadata", {}).get("version", "v1.0-trainval")
         with OutputFolder(out, "eval"):
             run_tracking_eval(args.submission, args.dataroot, version,
                               args.eval_set or default_eval_set(version), out)
         print(f"tracking metrics written to {out}")
         return 0
-    if args.submission:
-        from raydn.engine.score import score_submission_file
-        with OutputFolder(args.out or Path(args.submission).resolve().parent, "eval"):
-            score_submission_file(args.submission, infos_path=args.data, dataroot=args.dataroot,
-                                  version=args.version, eval_set=args.eval_set, out_dir=args.out,
-                                  evaluator=args.evaluator, plots=not args.no_plots)
-        print(f"metrics written to {args.out or Path(args.submission).resolve().parent}")
-        return 0
+    from raydn.engine.score import score_submission_file
+    with OutputFolder(where, "eval"):
+        score_submission_file(args.submission, infos_path=args.data, dataroot=args.dataroot,
+                              version=args.version, eval_set=args.eval_set, out_dir=args.out,
+                              evaluator=args.evaluator, plots=not args.no_plots)
+    print(f"metrics written to {where}")
+    return 0
+
+
+def _evaluate_checkpoint(args) -> int:
+    """``--checkpoint CKPT``: :func:`raydn.engine.evaluate.evaluate_checkpoint` (under DDP when
+    started by torchrun: every rank infers its chunk, rank 0 writes and scores)."""
+    from pathlib import Path
+
     from raydn.commands._args import resolve_device
+    from raydn.engine.distributed import cleanup_distributed, setup_distributed
+    from raydn.engine.evaluate import EvalOptions, evaluate_checkpoint
+    from raydn.io import OutputFolder  # locked while writing; a run that writes nothing leaves no folder
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"
+    options = EvalOptions(
+        dataroot=args.dataroot, version=args.version, eval_set=args.eval_set, evaluator=args.evaluator,
+        plots=not args.no_plots, nms=not args.no_nms, format_only=args.format_only,
+        tracker=args.tracker if args.tracking else None, birth_score=args.birth_score,
+        keep_score=args.keep_score, num_workers=args.workers, progress=not args.no_progress,
+        trust_checkpoint=args.trust_checkpoint)
     dist = setup_distributed(resolve_device(args.device))
     folder = None
     clean = True  # after an error no barrier at cleanup (a lost peer would only raise again)
     try:
         if dist.is_main:
-            folder = OutputFolder(Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval",
-                                  "eval").open()
-        model = load_model(args.checkpoint, trust=args.trust_checkpoint).to(dist.device).eval()
-        info = load_info_file(args.data)
-        version = args.version or info.get("metadata", {}).get("version", "v1.0-trainval")
-        if not args.format_only:  # the test split has no GT: refuse before inference or any output
-            from raydn.engine.score import refuse_without_ground_truth
-            refuse_without_ground_truth(version, args.eval_set, args.data)
-        aug = get_preset(model.preset).train.aug if model.preset else None
-        from dataclasses import replace
-        aug = replace(aug, training=False)
-        dataset = NuScenesStreamingDataset(info, aug, test_mode=True, validate=False)
-        nms = model.cfg.head.nms_radius is not None and not args.no_nms
-        if dist.is_main:
-            print("decoding: " + ("class-wise BEV NMS (preset setting; --no-nms to skip)" if nms else "NMS-free"))
-        dets, _ = stream_inference(model, dataset, rank=dist.rank, world_size=dist.world_size,
-                                   num_workers=args.workers, progress=not args.no_progress, nms=nms,
-                                   with_selection=args.tracking and args.tracker == "memory")
-        if not dist.is_main:
-            return 0
-        out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        path = write_submission(dets, dataset.infos, out / "results_nusc.json")
-        print(f"submission: {path} ({len(dataset)} samples)")
-        if args.tracking:
-            from raydn.eval.tracking import write_tracking_submission
-            tpath = write_tracking_submission(dets, dataset.infos, out / "tracking_results_nusc.json",
-                                              tracker=args.tracker, head=model.cfg.head,
-                                              birth_score=args.birth_score, keep_score=args.keep_score)
-            print(f"tracking submission: {tpath} (tracker {args.tracker})")
-        if args.format_only:
-            return 0
-        rep = evaluate_submission(path, dataroot=args.dataroot, version=version,
-                                  eval_set=args.eval_set, out_dir=out, evaluator=args.evaluator,
-                                  plots=not args.no_plots)
-        if rep.metrics is not None and rep.fast_metrics is not None:
-            d = abs(rep.metrics["nd_score"] - rep.fast_metrics["nd_score"])
-            print(f"fast evaluator vs devkit: |dNDS| = {d:.2e} "
-                  f"(devkit {rep.seconds['devkit']:.1f}s, fast {rep.seconds['fast']:.2f}s)")
-        if dataset.load_annotations:  # duplicates along camera rays (raydn.eval.ray_duplicates)
-            from raydn.eval.ray_duplicates import format_ray_duplicates, ray_duplicates
-            from raydn.io import atomic_write_json
-            rd = ray_duplicates(dets, dataset.infos)
-            print(format_ray_duplicates(rd))
-            atomic_write_json(out / "ray_duplicates.json", rd, indent=2)
-        if args.tracking:
-            from raydn.engine.infer import default_eval_set
-            from raydn.eval.tracking import run_tracking_eval
-            run_tracking_eval(tpath, args.dataroot, version, args.eval_set or default_eval_set(version), out)
-        print(f"metrics written to {out}")
+            folder = OutputFolder(out, "eval").open()
+        result = evaluate_checkpoint(args.checkpoint, args.data, out, options, device=dist.device,
+                                     rank=dist.rank, world_size=dist.world_size, say=print)
+        if result is not None and not args.format_only:
+            print(f"metrics written to {out}")
         return 0
     except BaseException:
         clean = False

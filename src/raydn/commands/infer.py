@@ -50,11 +50,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from dataclasses import replace
-
     from raydn.commands._args import resolve_device
-    from raydn.engine.stream import (check_camera_count, nuscenes_stream, open_backend, run_stream,
-                                     select_nuscenes_records)
+    from raydn.engine.stream import (StreamOptions, check_camera_count, nuscenes_stream, open_backend,
+                                     run_stream, select_nuscenes_records)
     from raydn.errors import RaydnError
     from raydn.presets import get_preset
 
@@ -87,7 +85,7 @@ def run(args) -> int:
     if preset is None:
         raise RaydnError("the model files name no preset: pass --preset (the input transform)")
     try:
-        aug = replace(get_preset(preset).train.aug, training=False)
+        aug = get_preset(preset).test_transform()
     except KeyError as e:
         raise RaydnError(str(e.args[0])) from None
 
@@ -106,10 +104,11 @@ def run(args) -> int:
         frames = nuscenes_stream(records, aug, data_root=args.dataroot)
         what = f"{len(frames)} frames of {len(scene_names)} scene(s) of {version}"
     print(f"raydn infer: {what}, backend {backend.name}, preset {preset}")
-    rep = run_stream(backend, frames, out=args.out, render_dir=args.render, video=args.video,
-                     fps=args.fps, score_thr=args.score_thr, aug=aug, scene_names=scene_names,
-                     num_workers=args.workers, limit=args.limit, progress=not args.no_progress,
-                     tracker=args.tracker, birth_score=args.birth_score, keep_score=args.keep_score)
+    rep = run_stream(backend, frames, StreamOptions(
+        out=args.out, render_dir=args.render, video=args.video, fps=args.fps, score_thr=args.score_thr,
+        aug=aug, scene_names=scene_names, num_workers=args.workers, limit=args.limit,
+        progress=not args.no_progress, tracker=args.tracker, birth_score=args.birth_score,
+        keep_score=args.keep_score))
     print(f"{rep.frames} frames, {rep.detections} detections (score >= {args.score_thr:g}), "
           f"{rep.frames_per_second:.2f} frames/s")
     print(f"detections: {rep.out}")

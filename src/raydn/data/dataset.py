@@ -21,10 +21,14 @@ into a ``FrameBatch``):
 * ``gt_boxes`` (n, 9) float32 gravity-centre ``[x, y, z_c, l, w, h, yaw, vx, vy]`` and ``gt_labels``
   (n,) int64 (``None`` without annotations); per camera lists ``gt_boxes_2d`` (k, 4),
   ``gt_labels_2d`` (k,), ``centers_2d`` (k, 2), ``depths_2d`` (k,) (training only, else ``None``);
+* ``points`` (P, 3) float32 LiDAR points of the record's ``lidar_path`` in the augmented LiDAR
+  frame (only with ``load_points=True``, for depth supervision; else ``None``);
 * ``meta`` dict: ``sample_token``, ``scene_token``, ``index``, ``img_timestamp`` (6 floats),
   ``img_shape`` / ``pad_shape`` (H, W), ``image_paths``, ``aug`` (the random draw).
 """
 from __future__ import annotations
+
+import copy
 
 import os
 from pathlib import Path
@@ -32,100 +36,47 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from raydn.data.infos import has_annotations, load_info_file, pose_matrix, validate_infos
-from raydn.data.frames import FrameInputs, camera_matrices, invert_rigid, load_camera_images
+from raydn.core.frames import camera_matrices, invert_rigid, pose_matrix
+from raydn.data.infos import has_annotations, load_info_file, validate_infos
+from raydn.data.frames import FrameInputs, load_camera_images
+from raydn.data.images import resolve_image_path
 from raydn.data.transforms import (
     AugConfig, ImageAugParams, apply_global_rot_scale, filter_boxes_range, filter_invisible,
-    ida_matrix, limit_yaw, sample_global_aug, sample_image_aug, transform_boxes_2d,
+    global_rot_scale_matrix, ida_matrix, limit_yaw, sample_global_aug, sample_image_aug, transform_boxes_2d,
 )
 from raydn.errors import DataError
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, PC_RANGE
 
-__all__ = ["NuScenesStreamingDataset", "resolve_image_path", "load_image",
+__all__ = ["NuScenesStreamingDataset", "load_lidar_points",
            "sequence_groups", "scene_ids"]
 
 
-def resolve_image_path(path: str, data_root: str | os.PathLike | None) -> Path:
-    """Map an info ``data_path`` to a file. Without ``data_root`` the path is used as written
-    (absolute, or relative to the working directory, as officially). With ``data_root`` the part
-    from the first ``samples``/``sweeps`` component on is re-rooted there (so StreamPETR's
-    ``./data/nuscenes/samples/...`` paths work from anywhere); other relative paths are joined."""
-    p = Path(path)
-    if data_root is None:
-        return p
-    parts = p.parts
-    for i, part in enumerate(parts):
-        if part in ("samples", "sweeps"):
-            return Path(data_root, *parts[i:])
-    return p if p.is_absolute() else Path(data_root) / p
+#: float32 columns per point of a nuScenes ``.pcd.bin`` LiDAR file: x, y, z, intensity, ring
+LIDAR_COLUMNS = 5
+#: a LiDAR file larger than this is refused before it is read (a nuScenes sweep is ~0.7 MB)
+MAX_LIDAR_FILE_BYTES = 256 << 20
 
 
-def load_image(path: Path, src_size: tuple, draft_size: tuple | None = None) -> Image.Image:
-    """Open and fully decode one camera image as RGB; a missing, unreadable or corrupt file, or a
-    size other than ``src_size`` (H, W), raises :class:`DataError` naming the file. ``draft_size``
-    (W, H) asks libjpeg for DCT-domain down-scaling to exactly that size (ignored if unavailable)."""
-    H, W = src_size
+def load_lidar_points(path: Path) -> np.ndarray:
+    """Read a nuScenes-format LiDAR file (float32, :data:`LIDAR_COLUMNS` per point; the synthetic
+    worlds write the same) -> (P, 3) float64 x, y, z in the sensor (LIDAR_TOP) frame, metres. A
+    missing, oversized or truncated file or non-finite coordinates raise :class:`DataError`
+    naming the file."""
     try:
-        with Image.open(path) as im:
-            if im.size != (W, H):
-                raise DataError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {W}x{H} "
-                                "(the official augmentation assumes the nuScenes camera size)")
-            if draft_size is not None and im.format == "JPEG":
-                im.draft("RGB", draft_size)
-                if im.size != tuple(draft_size):  # draft picked another scale: decode full size
-                    raise _RetryFull()
-            return _to_rgb8(im, path)  # forces the full decode inside the try
-    except _RetryFull:
-        return load_image(path, src_size, None)
-    except DataError:
-        raise
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: camera image not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode camera image ({type(exc).__name__}: {exc})") from exc
-
-
-class _RetryFull(Exception):
-    pass
-
-
-#: Modes whose conversion to RGB loses nothing a camera image holds (greyscale is replicated).
-_RGB_MODES = ("RGB", "L", "P", "YCbCr")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _to_rgb8(im: Image.Image, path) -> Image.Image:
-    """Decode ``im`` to 8-bit RGB without changing what it holds, or raise :class:`DataError`
-    naming the file and the mode: RGB / greyscale / palette / YCbCr convert as they are; an alpha
-    channel must be fully opaque (it is dropped); 16-bit greyscale (PNG) is scaled 0..65535 ->
-    0..255 (not clipped at 255); CMYK, 32-bit integer or float, 1-bit and other modes are refused."""
-    mode = im.mode
-    if mode == "P" and "transparency" in im.info:
-        mode = "PA"
-    if mode in _RGB_MODES:
-        return im.convert("RGB")
-    if mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
-        lo = rgba.getchannel("A").getextrema()[0]
-        if lo < 255:
-            raise DataError(f"{path}: camera image has transparent pixels (mode {im.mode}, alpha down to "
-                            f"{lo}); expected an opaque image: save it as RGB without alpha")
-        return rgba.convert("RGB")
-    if mode in _16BIT_MODES or (mode == "I" and im.format == "PNG"):
-        a = np.asarray(im).astype(np.int64)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            raise DataError(f"{path}: camera image of mode {im.mode} has values outside 0..65535; "
-                            "expected 16-bit greyscale")
-        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)   # full 16-bit range -> 8 bits, rounded
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    what = {"CMYK": "CMYK colour (print colours; the conversion depends on a colour profile)",
-            "I": "32-bit integer", "F": "32-bit float (no defined 0..255 range)", "1": "1-bit black and white",
-            }.get(mode, "not an RGB, greyscale or palette image")
-    raise DataError(f"{path}: camera image has mode {im.mode} ({what}); expected 8-bit RGB, greyscale "
-                    "or palette, or 16-bit greyscale: convert it to 8-bit sRGB first")
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise DataError(f"{path}: LiDAR point file not found or unreadable ({type(exc).__name__})") from exc
+    if size > MAX_LIDAR_FILE_BYTES:
+        raise DataError(f"{path}: LiDAR point file is {size} bytes, more than the "
+                        f"{MAX_LIDAR_FILE_BYTES} bytes of any real scan")
+    if size % (4 * LIDAR_COLUMNS):
+        raise DataError(f"{path}: LiDAR point file of {size} bytes is not a whole number of points "
+                        f"({LIDAR_COLUMNS} float32 each): truncated?")
+    pts = np.fromfile(path, dtype=np.float32).reshape(-1, LIDAR_COLUMNS)[:, :3].astype(np.float64)
+    if not np.isfinite(pts).all():
+        raise DataError(f"{path}: LiDAR point file holds NaN/inf coordinates")
+    return pts
 
 
 def scene_ids(infos: Sequence[dict]) -> np.ndarray:
@@ -179,13 +130,19 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
         with_2d / filter_invisible: the 2D-label branch of the train transform (official True).
         class_names, pc_range: 3D class order and ObjectRangeFilter range (official defaults).
         seed: base seed of the augmentation generator (see :meth:`reseed`).
+        load_images: decode the camera images (False: items carry ``images=None`` and the model
+            gets its features elsewhere, e.g. a frozen-stem cache; see :meth:`without_images`).
+        load_points: give each item the LiDAR points of its record's ``lidar_path``
+            (:func:`load_lidar_points`), in the augmented LiDAR frame (for depth supervision,
+            :mod:`raydn.models.depth_head`); off by default.
     """
 
     def __init__(self, infos, aug: AugConfig, *, data_root: str | os.PathLike | None = None,
                  seq_split_num: int = 2, test_mode: bool | None = None,
                  load_annotations: bool | None = None, with_2d: bool = True,
                  filter_invisible: bool = True, class_names: Sequence[str] = CLASS_NAMES,
-                 pc_range: Sequence[float] = PC_RANGE, seed: int = 0, validate: bool = True):
+                 pc_range: Sequence[float] = PC_RANGE, seed: int = 0, validate: bool = True,
+                 load_images: bool = True, load_points: bool = False):
         if isinstance(infos, (str, os.PathLike)):
             self.source = str(infos)
             records = load_info_file(infos, validate=validate)["infos"]
@@ -212,8 +169,17 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
         starts = _starts(self.scene_ids) if self.test_mode else _starts(self.group_ids)
         self.prev_exists = (~starts).astype(np.float32)
         #: decode the camera images (False: items carry ``images=None``, for a feature cache)
-        self.load_images = True
+        self.load_images = bool(load_images)
+        #: give items the LiDAR points (``FrameInputs.points``) for depth supervision
+        self.load_points = bool(load_points)
         self.reseed(seed)
+
+    def without_images(self) -> "NuScenesStreamingDataset":
+        """The same frames (records, transform, sequences, seed) with ``load_images=False``: a new
+        dataset sharing the records, for a model fed from a feature cache; this one is unchanged."""
+        twin = copy.copy(self)
+        twin.load_images = False
+        return twin
 
     # ------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:
@@ -292,6 +258,9 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
                 gt_boxes = boxes9
 
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        points = None
+        if self.load_points:  # the BEV augmentation M moves the points as it moves the boxes
+            points = f32(self._lidar_points(rec) @ global_rot_scale_matrix(gap)[:3, :3].T)
         fH, fW = cfg.final_dim
         item = FrameInputs.from_arrays(
             images=images, intrinsics=intr, extrinsics=extr, lidar2img=lidar2img,
@@ -307,8 +276,17 @@ class NuScenesStreamingDataset(torch.utils.data.Dataset):
                 "aug": {"resize": iap.resize, "crop": iap.crop, "flip": iap.flip,
                         "rot": gap.rot, "scale": gap.scale},
             },
+            points=points,
             **(g2d or {}))
         return item
+
+    def _lidar_points(self, rec: dict) -> np.ndarray:
+        """(P, 3) float64 LiDAR points of ``rec`` (its ``lidar_path``, re-rooted like the images)."""
+        if not rec.get("lidar_path"):
+            raise DataError(f"{self.source}: sample {rec['token']}: field 'lidar_path' is missing; "
+                            "depth supervision needs the LIDAR_TOP file of every sample "
+                            "(infos written by 'raydn prepare' carry it)")
+        return load_lidar_points(resolve_image_path(rec["lidar_path"], self.data_root))
 
     def _boxes_3d(self, rec: dict, index: int):
         """get_ann_info + ObjectRangeFilter + limit_yaw + ObjectNameFilter -> ((n, 9) f64, (n,) i64)."""

@@ -1,5 +1,5 @@
 """One typed path from camera frames to the model: :class:`FrameInputs` -> :func:`collate_frames`
--> :class:`~raydn.data.batch.FrameBatch`.
+-> :class:`~raydn.core.batch.FrameBatch`.
 
 Every source of frames builds the same :class:`FrameInputs` (one frame of one sample) with the same
 helpers, so the geometry is computed one way only:
@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydn.data.batch import FrameBatch
+from raydn.core.batch import FrameBatch
+from raydn.data.images import load_image
 from raydn.data.transforms import (AugConfig, ImageAugParams, apply_image_aug, normalize_images,
                                    pad_images, sample_image_aug)
 
-__all__ = ["FrameInputs", "collate_frames", "invert_rigid", "camera_matrices", "eval_transform_params",
+__all__ = ["FrameInputs", "collate_frames", "eval_transform_params",
            "draft_size", "load_camera_images"]
 
 
@@ -53,7 +54,9 @@ class FrameInputs:
     * training targets (None without annotations): ``gt_boxes`` (n, 9) float32 LiDAR boxes
       ``[x, y, z_center, l, w, h, yaw, vx, vy]``, ``gt_labels`` (n,) int64; per-camera lists
       ``gt_boxes_2d`` (k, 4), ``gt_labels_2d`` (k,), ``centers_2d`` (k, 2), ``depths_2d`` (k,);
-    * ``meta``: bookkeeping never used by the model maths (tokens, paths, the augmentation draw).
+    * ``meta``: bookkeeping never used by the model maths (tokens, paths, the augmentation draw);
+    * ``points`` (depth supervision only, else None): (P, 3) float32 LiDAR points in the frame of
+      ``lidar2img`` (after the BEV augmentation).
     """
     images: Tensor | None
     intrinsics: Tensor
@@ -71,6 +74,7 @@ class FrameInputs:
     centers_2d: list[Tensor] | None = None
     depths_2d: list[Tensor] | None = None
     meta: dict = field(default_factory=dict)
+    points: Tensor | None = None
 
     @property
     def num_cams(self) -> int:
@@ -129,38 +133,11 @@ def collate_frames(samples: Sequence[FrameInputs]) -> FrameBatch:
         gt_boxes=lst("gt_boxes"), gt_labels=lst("gt_labels"),
         gt_boxes_2d=lst("gt_boxes_2d"), gt_labels_2d=lst("gt_labels_2d"),
         centers_2d=lst("centers_2d"), depths_2d=lst("depths_2d"),
-        meta=[dict(s.meta) for s in samples],
+        meta=[dict(s.meta) for s in samples], points=lst("points"),
     )
 
 
-# ---------------------------------------------------------------------------------------- geometry
-
-def invert_rigid(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of rigid 4x4 transforms (..., 4, 4) float64: ``[R^T, -R^T t; 0, 1]``."""
-    m = np.asarray(matrix, dtype=np.float64)
-    rt = np.swapaxes(m[..., :3, :3], -1, -2)
-    out = np.zeros(m.shape)
-    out[..., :3, :3] = rt
-    out[..., :3, 3] = -np.einsum("...ij,...j->...i", rt, m[..., :3, 3])
-    out[..., 3, 3] = 1.0
-    return out
-
-
-def camera_matrices(cam_intrinsics: np.ndarray, vehicle2cam: np.ndarray, ida: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Intrinsics of the transformed images and the projection (all float64).
-
-    ``cam_intrinsics`` (N, 3, 3) K of the original images, ``vehicle2cam`` (N, 4, 4), ``ida``
-    (N, 3, 3) or (3, 3) pixel transform of the image augmentation (:func:`ida_matrix`) ->
-    ``intrinsics`` (N, 4, 4) viewpad with ``ida @ K`` and ``lidar2img = intrinsics @ vehicle2cam``
-    (N, 4, 4), as the official ``ResizeCropFlipRotImage``."""
-    K = np.asarray(cam_intrinsics, dtype=np.float64)
-    n = K.shape[0]
-    intr = np.tile(np.eye(4), (n, 1, 1))
-    intr[:, :3, :3] = K
-    intr[:, :3, :3] = np.asarray(ida, dtype=np.float64) @ intr[:, :3, :3]
-    return intr, intr @ np.asarray(vehicle2cam, dtype=np.float64)
-
+# ---------------------------------------------------------------------------------------- images
 
 def eval_transform_params(cfg: AugConfig, src_size: tuple[int, int]) -> ImageAugParams:
     """The deterministic test transform (spec §2.4) of an image of ``src_size`` (H, W): resize by
@@ -187,10 +164,10 @@ def load_camera_images(paths: Sequence[str | Path], cfg: AugConfig, params: Sequ
     """Decode, transform, normalise and pad the N images of one frame -> (N, 3, H, W) float32.
 
     ``params[i]`` / ``src_sizes[i]`` (H, W) belong to ``paths[i]``; ``loader(path, src_size,
-    draft)`` opens one image as RGB PIL (default :func:`raydn.data.dataset.load_image`, which
+    draft)`` opens one image as RGB PIL (default :func:`raydn.data.images.load_image`, which
     raises :class:`~raydn.errors.DataError` naming the file)."""
     if loader is None:
-        from raydn.data.dataset import load_image as loader
+        loader = load_image
     imgs = np.stack([np.asarray(apply_image_aug(loader(p, tuple(s), draft_size(cfg, a, s)), a, cfg.fast_resize))
                      for p, a, s in zip(paths, params, src_sizes)])  # per file: decoding is per file
     return pad_images(normalize_images(imgs, cfg.img_mean, cfg.img_std), cfg.size_divisor)

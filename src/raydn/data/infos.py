@@ -12,8 +12,8 @@ it allocates, arrays are checked against the data they are given, and a file lar
 :data:`raydn.limits.MAX_INFO_FILE_BYTES` is refused before it is read.
 
 :func:`validate_record` checks one record (camera keys, matrix shapes, finite values, box shapes)
-and raises a :class:`DataError` naming the file, the sample token and the field. The numeric
-helpers (:func:`quaternion_to_matrix`, :func:`pose_matrix`) are float64 numpy.
+and raises a :class:`DataError` naming the file, the sample token and the field. Rotations and poses of the
+records: :mod:`raydn.core.frames` (``pose_matrix(rotation, translation)``).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import numpy as np
 
 from raydn.errors import DataError
 from raydn.geometry import CAMERA_NAMES
-from raydn.limits import MAX_INFO_FILE_BYTES, check_file_size
+from raydn.limits import MAX_INFO_FILE_BYTES, AllocationBudget, check_file_size
 
 __all__ = [
     "load_info_file", "loads_infos", "validate_record", "validate_infos", "has_annotations",
-    "quaternion_to_matrix", "pose_matrix", "RestrictedUnpickler",
+    "RestrictedUnpickler",
 ]
 
 # (module, name) pairs an info pickle may reference. numpy moved ``core`` to ``_core`` in 2.0, and
@@ -130,7 +130,6 @@ class RestrictedUnpickler(pickle.Unpickler):
     (it returns plain ndarrays)."""
 
     def __init__(self, file, source: str = "<bytes>", *, file_bytes: int | None = None, budget=None):
-        from raydn.limits import AllocationBudget
         super().__init__(file)
         self._source = source
         self._budget = budget or AllocationBudget(source, file_bytes if file_bytes is not None else 1 << 30)
@@ -401,31 +400,3 @@ def validate_infos(infos: list, source: str = "<infos>") -> None:
         if rec["token"] in seen:
             raise DataError(f"{source}: duplicate sample token {rec['token']} (record {i})")
         seen.add(rec["token"])
-
-
-def quaternion_to_matrix(q) -> np.ndarray:
-    """Unit quaternion(s) ``(..., 4)`` in **w, x, y, z** order (nuScenes) -> rotation ``(..., 3, 3)``
-    float64. The quaternion is normalised first (as pyquaternion does)."""
-    q = np.asarray(q, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    w, x, y, z = np.moveaxis(q, -1, 0)
-    m = np.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-    ], axis=-1)
-    return m.reshape(q.shape[:-1] + (3, 3))
-
-
-def pose_matrix(rotation, translation) -> np.ndarray:
-    """4x4 float64 column-convention transform from a rotation ((..., 3, 3) matrix or (..., 4) wxyz
-    quaternion) and a translation (..., 3)."""
-    rotation = np.asarray(rotation, dtype=np.float64)
-    if rotation.shape[-1] == 4:
-        rotation = quaternion_to_matrix(rotation)
-    translation = np.asarray(translation, dtype=np.float64)
-    out = np.zeros(rotation.shape[:-2] + (4, 4))
-    out[..., :3, :3] = rotation
-    out[..., :3, 3] = translation
-    out[..., 3, 3] = 1.0
-    return out

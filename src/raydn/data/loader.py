@@ -1,4 +1,4 @@
-"""Batching into :class:`~raydn.data.batch.FrameBatch` and DataLoader builders.
+"""Batching into :class:`~raydn.core.batch.FrameBatch` and DataLoader builders.
 
 * :func:`collate_frames` (from :mod:`raydn.data.frames`) stacks dataset items
   (:class:`~raydn.data.frames.FrameInputs`) into a ``FrameBatch``.

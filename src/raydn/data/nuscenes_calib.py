@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raydn.core.frames import pose_matrix
+
 #: Image size (width, height) of every nuScenes camera, pixels.
 IMAGE_SIZE = (1600, 900)
 
@@ -72,38 +74,15 @@ SENSOR_TOKENS = {
 LIDAR_ELEVATIONS_DEG = tuple(float(v) for v in np.linspace(-30.67, 10.67, 32))
 
 
-def quat_to_matrix(q) -> np.ndarray:
-    """Unit quaternion ``(w, x, y, z)`` -> 3x3 rotation matrix (float64), same as pyquaternion."""
-    w, x, y, z = (np.asarray(q, dtype=np.float64) / np.linalg.norm(q)).tolist()
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def yaw_to_quat(yaw: float) -> list[float]:
-    """Rotation about +z by ``yaw`` radians as a ``[w, x, y, z]`` list."""
-    return [float(np.cos(yaw / 2.0)), 0.0, 0.0, float(np.sin(yaw / 2.0))]
-
-
-def pose_matrix(translation, rotation) -> np.ndarray:
-    """4x4 float64 homogeneous transform from a translation (3,) and a wxyz quaternion."""
-    m = np.eye(4)
-    m[:3, :3] = quat_to_matrix(rotation)
-    m[:3, 3] = np.asarray(translation, dtype=np.float64)
-    return m
-
-
 def camera_to_ego(channel: str) -> np.ndarray:
     """4x4 camera -> ego transform of ``channel`` (float64)."""
     c = CAMERA_CALIB[channel]
-    return pose_matrix(c["translation"], c["rotation"])
+    return pose_matrix(c["rotation"], c["translation"])
 
 
 def lidar_to_ego() -> np.ndarray:
     """4x4 LIDAR_TOP -> ego transform (float64)."""
-    return pose_matrix(LIDAR_CALIB["translation"], LIDAR_CALIB["rotation"])
+    return pose_matrix(LIDAR_CALIB["rotation"], LIDAR_CALIB["translation"])
 
 
 def camera_intrinsic(channel: str) -> np.ndarray:

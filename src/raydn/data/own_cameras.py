@@ -42,7 +42,7 @@ Values that parse but cannot be what they claim are refused (bounds no real came
 * intrinsics that belong to another image: a principal point outside the image, or ``fx``/``fy``
   outside [:data:`MIN_FOCAL_FRACTION`, :data:`MAX_FOCAL_FRACTION`] = [0.05, 50] x the image width
   (horizontal fields of view of ~169 deg .. ~1.1 deg);
-* images that do not decode to 8-bit RGB: see :func:`raydn.data.dataset.load_image` (16-bit
+* images that do not decode to 8-bit RGB: see :func:`raydn.data.images.load_image` (16-bit
   greyscale is scaled, alpha must be opaque, CMYK / float / 1-bit are refused).
 """
 from __future__ import annotations
@@ -58,10 +58,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydn.data.frames import FrameInputs, camera_matrices, invert_rigid, load_camera_images, eval_transform_params
-from raydn.data.infos import pose_matrix
+from raydn.core.frames import camera_matrices, invert_rigid, pose_matrix
+from raydn.data.frames import FrameInputs, eval_transform_params, load_camera_images
 from raydn.data.transforms import AugConfig, ida_matrix
 from raydn.errors import DataError
+from raydn.data.images import load_image, resolve_image_path
+from raydn.geometry import CAMERA_NAMES
+from raydn.io import atomic_write_bytes
+from raydn.limits import MAX_CALIBRATION_FILE_BYTES, check_file_size
 
 __all__ = ["CalibrationError", "CameraCalib", "RigFrame", "CameraRig", "load_camera_rig",
            "CameraRigFrames", "rig_dict_from_infos", "write_rig_file", "check_timestamp_unit",
@@ -222,7 +226,6 @@ def _yaml_loader(src: str):
 
 
 def _read_mapping(path: Path) -> dict:
-    from raydn.limits import MAX_CALIBRATION_FILE_BYTES, check_file_size
     check_file_size(path, MAX_CALIBRATION_FILE_BYTES, "calibration file", CalibrationError)
     try:
         text = path.read_text()
@@ -470,7 +473,6 @@ class CameraRigFrames(torch.utils.data.Dataset):
                                            "(the camera's image_size / its first frame)")
 
     def __getitem__(self, j: int) -> FrameInputs:
-        from raydn.data.dataset import load_image
         f = self.rig.frames[int(j)]
 
         def loader(path, src_size, draft):
@@ -509,8 +511,6 @@ def rig_dict_from_infos(records: list[dict], *, cameras=None, num_frames: int | 
     ``cameras``: the channel names to keep (default all six); ``num_frames``: cycle through the
     records to make a longer stream (timestamps keep increasing by ``dt``, default the records'
     median step; poses repeat). Records are used in timestamp order."""
-    from raydn.data.dataset import resolve_image_path
-    from raydn.geometry import CAMERA_NAMES
     recs = sorted(records, key=lambda r: r["timestamp"])
     if not recs:
         raise DataError("rig_dict_from_infos: no records")
@@ -538,7 +538,6 @@ def rig_dict_from_infos(records: list[dict], *, cameras=None, num_frames: int | 
 
 def write_rig_file(rig: dict, path: str | os.PathLike) -> Path:
     """Write a calibration mapping as JSON, or YAML for a ``.yaml``/``.yml`` path (atomic)."""
-    from raydn.io import atomic_write_bytes
     path = Path(path)
     # plain Python types (numpy scalars/arrays -> floats/lists), the same for both formats
     rig = json.loads(json.dumps(rig, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raydn.data.validate import scan_files
 from raydn.errors import DataError
-from raydn.io import OutputFolder, atomic_write_json, describe_holder
 from raydn.geometry import CAMERA_NAMES
+from raydn.io import OutputFolder, atomic_write_bytes, atomic_write_json, describe_holder
 
 #: mmdet3d ``NuScenesDataset.NameMapping``.
 NAME_MAPPING = {
@@ -75,7 +76,6 @@ def _check_files(nusc, root: Path) -> None:
     """All keyframe camera images and LIDAR_TOP files must exist (names one missing and the count),
     and every camera image must be a complete JPEG (:func:`raydn.data.validate.check_jpeg_file`: a
     truncated image stops the preparation, not a training run later)."""
-    from raydn.data.validate import scan_files
     keyframes = [sd for sd in nusc.sample_data
                  if sd["is_key_frame"] and (sd["channel"] in CAMERA_NAMES or sd["channel"] == "LIDAR_TOP")]
     cameras = {root / sd["filename"] for sd in keyframes if sd["channel"] in CAMERA_NAMES}
@@ -279,7 +279,6 @@ def _split_scenes(nusc, version: str):
 
 
 def _atomic_pickle(obj, path: Path) -> None:
-    from raydn.io import atomic_write_bytes
     atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
 
 

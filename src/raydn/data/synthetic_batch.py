@@ -16,8 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydn.data.batch import FrameBatch
+from raydn.core.batch import FrameBatch
+from raydn.core.frames import camera_matrices
+from raydn.data.frames import eval_transform_params
 from raydn.data.nuscenes_calib import IMAGE_SIZE, camera_intrinsic, camera_to_ego, lidar_to_ego
+from raydn.data.transforms import AugConfig, ida_matrix
 from raydn.geometry import CAMERA_NAMES, box_corners, rigid_inverse
 
 #: Typical (l, w, h) in metres per class (CLASS_NAMES order) for plausible random boxes.
@@ -31,24 +34,15 @@ def pinhole_cameras(image_size: tuple[int, int] = (256, 704)) -> tuple[Tensor, T
 
     Returns float32 ``intrinsics`` (6, 4, 4) (viewpad with the transformed K), ``extrinsics``
     (6, 4, 4) LiDAR -> camera, ``lidar2img`` (6, 4, 4) LiDAR -> pixel * depth.
-    The image transform is the official test one: scale ``r = W / 1600`` (at least ``H / 900``),
-    centred crop in width, bottom-aligned crop in height."""
-    H, W = image_size
+    The image transform is the official test one (:func:`raydn.data.frames.eval_transform_params`:
+    scale ``r = max(H / 900, W / 1600)``, centred crop in width, bottom-aligned crop in height)."""
     W0, H0 = IMAGE_SIZE
-    r = max(W / W0, H / H0)
-    new_w, new_h = int(W0 * r), int(H0 * r)
-    crop_w, crop_h = int(max(0, new_w - W) / 2), new_h - H
-    aug = np.array([[r, 0.0, -crop_w], [0.0, r, -crop_h], [0.0, 0.0, 1.0]])
-    l2e = lidar_to_ego()
-    intr, extr = [], []
-    for name in CAMERA_NAMES:  # 6 constant calibration records, built once
-        k = np.eye(4)
-        k[:3, :3] = aug @ camera_intrinsic(name)
-        intr.append(k)
-        extr.append(np.linalg.inv(camera_to_ego(name)) @ l2e)
-    intr_t = torch.from_numpy(np.stack(intr))
-    extr_t = torch.from_numpy(np.stack(extr))
-    return intr_t.float(), extr_t.float(), (intr_t @ extr_t).float()
+    ida = ida_matrix(eval_transform_params(AugConfig(final_dim=tuple(image_size)), (H0, W0)))
+    K = np.stack([camera_intrinsic(name) for name in CAMERA_NAMES])
+    l2c = np.stack([np.linalg.inv(camera_to_ego(name)) @ lidar_to_ego() for name in CAMERA_NAMES])
+    intr, l2i = camera_matrices(K, l2c, ida)
+    return (torch.from_numpy(intr).float(), torch.from_numpy(l2c).float(),
+            torch.from_numpy(l2i).float())
 
 
 def ego_pose(frame_index: int, slot: int = 0, speed: float = 5.0, dt: float = 0.5) -> Tensor:

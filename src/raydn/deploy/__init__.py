@@ -5,10 +5,10 @@ Same streaming API as :class:`raydn.models.detector.RayDNDetector`::
     from raydn.deploy import OnnxDetector
     det = OnnxDetector("exported/")                 # encoder.onnx + head_step.onnx + raydn_onnx.json
     state = det.init_state(batch_size=1)           # TemporalState (torch tensors, zeros)
-    for batch in frames:                           # raydn.data.batch.FrameBatch, one frame per slot
+    for batch in frames:                           # raydn.core.batch.FrameBatch, one frame per slot
         detections, state = det.predict(batch, state)   # list of dicts: boxes (k, 9), scores, labels
 
-The state is a :class:`~raydn.models.state.TemporalState` of CPU torch tensors with the PyTorch
+The state is a :class:`~raydn.core.state.TemporalState` of CPU torch tensors with the PyTorch
 model's layout and frames (float64 timestamps), so the two back ends can hand a stream to each
 other. Shapes are those fixed at export (batch size, cameras, image size: ``self.metadata``);
 anything else is rejected with a message naming the tensor. At load the two graphs and the metadata
@@ -21,9 +21,11 @@ import os
 import numpy as np
 import torch
 
-from raydn.data.batch import FrameBatch
-from raydn.interop.export import STATE_FIELDS, ExportError, head_step_inputs, read_metadata
-from raydn.models.state import TemporalState
+from raydn.core.batch import FrameBatch
+from raydn.core.graph_contract import STATE_FIELDS, ExportError, head_step_inputs, read_metadata
+from raydn.core.state import TemporalState
+from raydn.deploy.verify import verify_export
+from raydn.models.decode import apply_bev_nms
 
 __all__ = ["OnnxDetector"]
 
@@ -70,7 +72,6 @@ class OnnxDetector:
                                              so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ExportError(f"{onnx_dir}: onnxruntime cannot load the graphs ({e})") from None
-        from raydn.deploy.verify import verify_export
         verify_export(onnx_dir, meta, {"encoder": self.encoder, "head_step": self.head})
         self.batch_size = int(meta["batch_size"])
         self.num_cams = int(meta["num_cams"])
@@ -140,7 +141,6 @@ class OnnxDetector:
         """The decoded detections of :meth:`step`'s outputs: the graph's fixed ``max_num`` rows
         cut to ``keep`` (centre range), then the class-wise BEV NMS when the exported model
         decodes with one (``metadata['nms_radius']``, as :func:`raydn.models.decode.decode_single`)."""
-        from raydn.models.decode import apply_bev_nms
         radius = self.metadata.get("nms_radius")
         dets = []
         for b in range(outs["boxes"].shape[0]):  # per slot: ragged kept rows

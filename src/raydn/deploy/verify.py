@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from raydn.interop.export import (
+from raydn.core.graph_contract import (
     META_FILE, PROP_EXPORT_ID, PROP_METADATA, UNSIGNED_FIELDS, ExportError, file_sha256,
 )
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from raydn.io import atomic_torch_save  # noqa: F401  (re-exported)
+from raydn.safe_load import load_weights_only
 
 FORMAT = "raydn-train/1"
 
 
 def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     """``torch.load(weights_only=True)`` with clear errors for missing or unsafe/corrupt files."""
-    from raydn.safe_load import load_weights_only
     return load_weights_only(path, map_location=map_location)
 
 

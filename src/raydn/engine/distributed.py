@@ -21,6 +21,7 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
+from raydn.errors import PeerLostError, RaydnError
 
 #: seconds a collective may wait for the other processes (``--dist-timeout`` / RAYDN_DIST_TIMEOUT)
 DEFAULT_TIMEOUT_S = 600.0
@@ -51,7 +52,6 @@ def _first_host(nodelist: str) -> str:
     """First host name of a SLURM node list, as ``scontrol show hostnames LIST | head -n1``:
     ``gpu[003-005,9],cpu1`` -> ``gpu003``, ``rack[1-2]-n[07-08]`` -> ``rack1-n07``. Uses
     ``scontrol`` where installed, the node-list syntax otherwise."""
-    from raydn.errors import RaydnError
     exe = shutil.which("scontrol")
     if exe is not None:
         try:
@@ -90,7 +90,6 @@ def slurm_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
     if not all(k in env for k in ("SLURM_PROCID", "SLURM_NTASKS")) or \
             not any(k in env for k in ("SLURM_STEP_ID", "SLURM_STEPID")):
         return {}
-    from raydn.errors import RaydnError
 
     def num(key: str) -> int:
         try:
@@ -127,7 +126,6 @@ def collective_timeout(seconds: float | None = None, environ: Mapping[str, str] 
                        ) -> timedelta:
     """How long a collective waits for the other processes: ``seconds`` (``--dist-timeout``), else
     RAYDN_DIST_TIMEOUT, else :data:`DEFAULT_TIMEOUT_S`."""
-    from raydn.errors import RaydnError
     env = os.environ if environ is None else environ
     where = "--dist-timeout"
     if seconds is None and env.get(TIMEOUT_ENV):
@@ -186,7 +184,6 @@ def peer_lost_error(exc: BaseException, rank: int, iteration: int | None = None)
     torch raises ``torch.distributed.DistError`` subclasses from collectives, but a failure seen by
     DDP's gradient hooks arrives as a plain RuntimeError with the backend's message; those are
     recognised by their text, and only while a multi-process group exists."""
-    from raydn.errors import PeerLostError
     if isinstance(exc, PeerLostError):
         return exc
     if not is_dist():

@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 
 from raydn.engine.distributed import cleanup_distributed, setup_distributed
+from raydn.engine.initialisation import format_init
+from raydn.engine.train import Trainer
+from raydn.models.stem_cache import stem_cache_blocker
 
 
 def _group_name(params, names: dict) -> str:
@@ -53,7 +56,6 @@ def summarise(trainer) -> dict:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     amp = model.encoder_autocast
-    from raydn.models.stem_cache import stem_cache_blocker
     why = stem_cache_blocker(model, recipe.aug)
     stem = ("off" if trainer.opts.stem_cache == "off" else
             f"on (would cache the frozen stem of {len(ds)} frames)" if why is None else f"off ({why})")
@@ -120,8 +122,6 @@ def format_summary(s: dict, init_text: str = "") -> str:
 def dry_run(opts) -> dict:
     """Construct the run of ``opts`` (:class:`raydn.engine.train.TrainOptions`) without training;
     rank 0 prints the summary. Returns the :func:`summarise` dict (every rank)."""
-    from raydn.engine.initialisation import format_init
-    from raydn.engine.train import Trainer
     dist_info = setup_distributed(opts.device, timeout_s=getattr(opts, 'dist_timeout_s', None))
     clean = False
     try:

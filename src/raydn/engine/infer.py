@@ -18,8 +18,12 @@ from pathlib import Path
 
 import torch
 
+from raydn.data.loader import build_eval_loader
 from raydn.engine.distributed import is_dist
 from raydn.errors import DataError
+from raydn.eval.devkit import fast_eval_results_file, run_devkit_eval
+from raydn.eval.fast_eval import format_summary
+from raydn.eval.submission import build_submission, write_results_json
 
 
 @torch.no_grad()
@@ -37,7 +41,6 @@ def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: 
     ``with_selection``: each dict also has ``query`` (k,) (always there), ``memory_index`` (K,)
     (the model's :class:`~raydn.models.decode.Selection`) and ``new_sequence`` (a bool: the memory
     was reset at this frame, a scene or rank-chunk start) -- what the memory tracker follows."""
-    from raydn.data.loader import build_eval_loader
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -93,7 +96,6 @@ class EvalReport:
 
 def write_submission(detections, infos, path) -> Path:
     """Detections (aligned with ``infos``) -> nuScenes submission JSON (atomic)."""
-    from raydn.eval.submission import build_submission, write_results_json
     missing = [i for i, d in enumerate(detections) if d is None]
     if missing:
         raise DataError(f"no detections for {len(missing)} samples (first: index {missing[0]})")
@@ -107,7 +109,6 @@ def evaluate_submission(result_path, *, dataroot, version: str, eval_set: str | 
                         evaluator: str = "devkit", plots: bool = True, quiet: bool = False) -> EvalReport:
     """Score a submission with the devkit (``evaluator='devkit'``), our fast evaluator
     (``'fast'``) or both (``'both'``; the fast numbers are then checked against the devkit's)."""
-    from raydn.eval.devkit import fast_eval_results_file, run_devkit_eval
     eval_set = eval_set or default_eval_set(version)
     out_dir = Path(out_dir)
     seconds: dict = {}
@@ -124,7 +125,6 @@ def evaluate_submission(result_path, *, dataroot, version: str, eval_set: str | 
                                   nusc=nusc, quiet=quiet)
         seconds["devkit"] = time.time() - t
     if evaluator in ("fast", "both"):
-        from raydn.eval.fast_eval import format_summary
         t = time.time()
         res = fast_eval_results_file(result_path, dataroot, version, eval_set, nusc=nusc)
         seconds["fast"] = time.time() - t

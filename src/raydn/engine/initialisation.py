@@ -28,6 +28,9 @@ import os
 from dataclasses import dataclass, field
 
 from raydn.errors import RaydnError
+from raydn.interop.convert import load_detector_weights
+from raydn.models.init_weights import backbone_init_report, file_sha256
+from raydn.engine.run_files import iteration_checkpoints
 
 
 class InitialisationError(RaydnError):
@@ -113,7 +116,6 @@ def will_resume(out_dir, where: str | None) -> bool:
     trainer re-plans if the checkpoint then turns out unusable."""
     from pathlib import Path
 
-    from raydn.engine.run_files import iteration_checkpoints
     if not where:
         return False
     if where != "auto":
@@ -126,7 +128,6 @@ def apply_initialisation(model, plan: InitPlan) -> list:
     CPU, before it is moved or wrapped); returns the :class:`raydn.models.init_weights.InitReport`
     of each file, in order. A file whose SHA-256 does not match the digest the preset records
     gets a note (not an error: a re-saved copy of the right weights has another digest)."""
-    from raydn.models.init_weights import backbone_init_report, file_sha256, load_detector_weights
     if plan.resuming or plan.from_scratch:
         return []
     reports = []

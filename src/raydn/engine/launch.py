@@ -19,7 +19,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from raydn.engine.train import TrainOptions
+from raydn import termination
+from raydn.engine.train import TrainOptions, train
+from raydn.errors import Terminated
+from raydn.io import atomic_write_json
 
 _RESULT = "result.json"
 
@@ -45,16 +48,12 @@ def _worker(rank: int, opts: TrainOptions, world: int, port: int, threads: int) 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     torch.set_num_threads(threads)
-    from raydn import termination
-    from raydn.engine.train import train
-    from raydn.errors import Terminated
     try:
         with termination.handlers():  # SIGTERM: every rank stops at one iteration, with a checkpoint
             result = train(replace(opts, progress=opts.progress and rank == 0))
     except Terminated as e:
         sys.exit(128 + e.signum)  # the parent turns this exit status back into Terminated
     if rank == 0:
-        from raydn.io import atomic_write_json
         atomic_write_json(Path(opts.out_dir) / _RESULT, result)
 
 
@@ -88,7 +87,6 @@ def train_local_processes(opts: TrainOptions, procs: int, threads_per_proc: int 
     if procs < 1:
         raise ValueError(f"train_local_processes: procs must be >= 1, got {procs}")
     if procs == 1:
-        from raydn.engine.train import train
         return train(opts)
     import torch.multiprocessing as mp
     threads = threads_per_proc or max(1, default_cores() // procs)
@@ -105,7 +103,6 @@ def train_local_processes(opts: TrainOptions, procs: int, threads_per_proc: int 
                 pass
         except mp.ProcessExitedException as e:
             if e.exit_code - 128 in (signal.SIGTERM, signal.SIGHUP):
-                from raydn.errors import Terminated
                 raise Terminated(e.exit_code - 128) from None
             raise
         except BaseException:  # this process interrupted (SIGTERM, Ctrl-C): no child outlives it

@@ -18,6 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from raydn.data.dataset import NuScenesStreamingDataset
+from raydn.data.infos import load_info_file
+from raydn.engine.infer import stream_inference
+from raydn.engine.train import TrainOptions, Trainer
+from raydn.eval.fast_eval import evaluate, greedy_match
+from raydn.eval.gt import gt_from_infos
+from raydn.eval.submission import detections_to_global
 
 
 @dataclass
@@ -58,11 +65,6 @@ def score_frames(model, records: list[dict], aug, *, data_root=None, workers: in
 
     Returns the metric summary plus ``median_centre_error`` (m) of the predictions the 2 m
     threshold matches to a GT box."""
-    from raydn.data.dataset import NuScenesStreamingDataset
-    from raydn.engine.infer import stream_inference
-    from raydn.eval.fast_eval import evaluate, greedy_match
-    from raydn.eval.gt import gt_from_infos
-    from raydn.eval.submission import detections_to_global
 
     ds = NuScenesStreamingDataset(records, replace(aug, training=False), data_root=data_root,
                                   test_mode=True)
@@ -87,8 +89,6 @@ def overfit_check(infos_path, *, preset: str = "demo_raydn", frames: int = 6, sc
     iterations (the normal :class:`~raydn.engine.train.Trainer`, batch 2 = two sub-sequences of
     the frames), then score the same frames. ``out_dir``: where the run folder goes (default a
     temporary folder, removed afterwards)."""
-    from raydn.data.infos import load_info_file
-    from raydn.engine.train import Trainer, TrainOptions
 
     recs = select_frames(load_info_file(infos_path)["infos"], frames, scene)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from raydn.errors import CheckpointError
+from raydn.engine.distributed import broadcast_int
+from raydn.errors import CheckpointError, FolderBusyError
+from raydn.io import OutputFolder
 
 if TYPE_CHECKING:
     from raydn.io import OutputFolder
@@ -48,9 +50,6 @@ def open_run_folder(out_dir: str | os.PathLike, is_main: bool = True) -> "Output
     writes removed (printed). Under DDP only the main rank takes the lock (the ranks share the
     folder legitimately); the others learn the outcome from it so that all ranks fail alike.
     Returns the open folder (main rank) or ``None``; close it when the run ends."""
-    from raydn.engine.distributed import broadcast_int
-    from raydn.errors import FolderBusyError
-    from raydn.io import OutputFolder
     folder, error = None, None
     if is_main:
         try:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from raydn.data.infos import load_info_file
+from raydn.engine.infer import evaluate_submission
 from raydn.errors import DataError
+from raydn.eval.validate_submission import validate_submission
 
 
 def refuse_without_ground_truth(version: str, eval_set: str | None, infos_path) -> None:
@@ -26,9 +29,6 @@ def score_submission_file(submission, *, infos_path, dataroot, version: str | No
                           plots: bool = True):
     """Validate ``submission`` against the samples of ``infos_path`` and score it. Metrics go to
     ``out_dir`` (default: the submission's folder). Returns the :class:`EvalReport`."""
-    from raydn.data.infos import load_info_file
-    from raydn.engine.infer import evaluate_submission
-    from raydn.eval.validate_submission import validate_submission
     info = load_info_file(infos_path)
     version = version or info.get("metadata", {}).get("version", "v1.0-trainval")
     refuse_without_ground_truth(version, eval_set, infos_path)

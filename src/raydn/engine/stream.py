@@ -39,13 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raydn.core.frames import boxes_to_global
 from raydn.data.frames import collate_frames
 from raydn.engine.tracking import TrackFrame, build_tracker
 from raydn.errors import DataError, RaydnError
-from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, transform_points
+from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
 
-__all__ = ["TorchBackend", "OnnxBackend", "open_backend", "boxes_to_global", "frame_record",
-           "select_nuscenes_records", "nuscenes_stream", "run_stream", "StreamReport",
+__all__ = ["TorchBackend", "OnnxBackend", "open_backend", "frame_record",
+           "select_nuscenes_records", "nuscenes_stream", "run_stream", "StreamOptions", "StreamReport",
            "check_camera_count"]
 
 
@@ -103,7 +104,7 @@ class OnnxBackend:
     def step(self, batch, state):
         """-> (detections, state, :class:`~raydn.models.decode.Selection` or None: an export
         without the ``query`` / ``memory_index`` outputs)."""
-        from raydn.models.decode import Selection
+        from raydn.core.outputs import Selection
         outs, state = self.det.step(batch, state)
         dets = self.det.detections(outs)
         sel = None
@@ -137,21 +138,6 @@ def check_camera_count(model_cams: int, data_cams: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- records
-
-def boxes_to_global(boxes: Tensor, pose: Tensor) -> Tensor:
-    """(k, 9) boxes ``[x, y, z, l, w, h, yaw, vx, vy]`` in the vehicle frame -> world frame with
-    ``pose`` (4, 4) vehicle -> world; float64. Centres are transformed, yaw is the world heading
-    of the box's x axis, velocities are rotated; sizes are unchanged."""
-    b = boxes.to(torch.float64)
-    T = pose.to(torch.float64)
-    R = T[:3, :3]
-    centre = transform_points(b[None, :, :3], T[None])[0]
-    zero = torch.zeros_like(b[:, 0])
-    heading = torch.stack([torch.cos(b[:, 6]), torch.sin(b[:, 6]), zero], -1) @ R.T
-    vel = torch.stack([b[:, 7], b[:, 8], zero], -1) @ R.T
-    yaw = torch.atan2(heading[:, 1], heading[:, 0])
-    return torch.cat([centre, b[:, 3:6], yaw[:, None], vel[:, :2]], -1)
-
 
 def frame_record(frame: int, meta: dict, timestamp: float, new_sequence: bool, det: dict,
                  ids: Tensor | None, pose: Tensor, class_names: Sequence[str],
@@ -333,22 +319,47 @@ def _collate_or_failure(items):
     return failed[0] if failed else collate_frames(items)
 
 
-def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: float | None = None,
-               score_thr: float = 0.3, aug=None, scene_names: dict | None = None,
-               num_workers: int = 0, limit: int | None = None, progress: bool = True,
-               on_frame: Callable[[int, dict], None] | None = None, tracker: str = "memory",
-               birth_score: float = 0.0, keep_score: float = 0.0) -> StreamReport:
-    """Run ``backend`` over the dataset ``frames`` (items :class:`FrameInputs`, in stream order)
-    one frame at a time and write the outputs.
+@dataclass(frozen=True)
+class StreamOptions:
+    """What :func:`run_stream` writes and how it runs.
 
-    ``out``: JSON-lines path (atomic); ``render_dir``: one PNG per frame (each atomic);
-    ``video``: MP4 path (atomic; ``fps`` default: the rig's frame rate, 2 Hz for nuScenes
-    keyframes); ``score_thr``: detections kept in the JSON and drawn; ``aug``: the
-    :class:`AugConfig` (for the image mean/std when rendering); ``on_frame(n, record)``: called
-    after every frame (memory probes); ``tracker``: ``'memory'`` or ``'velocity'`` (the ``id`` of
-    every detection, :mod:`raydn.engine.tracking`; ``birth_score`` / ``keep_score`` its thresholds).
-    Nothing is kept per frame (flat memory on long streams; the drawn track paths keep a few
-    recent positions of the live tracks).
+    Attributes:
+        out: JSON-lines path (atomic), or None.
+        render_dir: folder for one PNG per frame (each atomic), or None.
+        video: MP4 path (atomic), or None; ``fps``: its frame rate (default: the rig's frame rate,
+            2 Hz for nuScenes keyframes).
+        score_thr: detections kept in the JSON and drawn (score >= this).
+        aug: the :class:`AugConfig` (the image mean/std when rendering; default ``frames.aug``).
+        scene_names: scene token -> name, for the records' ``scene``.
+        num_workers: image-loading worker processes.
+        limit: stop after this many frames.
+        progress: a progress bar.
+        tracker: ``'memory'`` or ``'velocity'`` (the ``id`` of every detection,
+            :mod:`raydn.engine.tracking`); ``birth_score`` / ``keep_score``: its thresholds.
+    """
+    out: str | os.PathLike | None = None
+    render_dir: str | os.PathLike | None = None
+    video: str | os.PathLike | None = None
+    fps: float | None = None
+    score_thr: float = 0.3
+    aug: object = None
+    scene_names: dict | None = None
+    num_workers: int = 0
+    limit: int | None = None
+    progress: bool = True
+    tracker: str = "memory"
+    birth_score: float = 0.0
+    keep_score: float = 0.0
+
+
+def run_stream(backend, frames, options: StreamOptions | None = None, *,
+               on_frame: Callable[[int, dict], None] | None = None, **fields) -> StreamReport:
+    """Run ``backend`` over the dataset ``frames`` (items :class:`FrameInputs`, in stream order)
+    one frame at a time and write the outputs :class:`StreamOptions` asks for (``options``, or its
+    fields as keywords: ``run_stream(backend, frames, out="d.jsonl", score_thr=0.0)``).
+    ``on_frame(n, record)``: called after every frame (memory probes). Nothing is kept per frame
+    (flat memory on long streams; the drawn track paths keep a few recent positions of the live
+    tracks).
 
     A frame that cannot be loaded (in the main process or a loader worker) raises its own
     :class:`RaydnError` (one line naming the file), and a failed or interrupted run leaves no output:
@@ -356,52 +367,24 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
     wrote under ``render_dir`` are removed again (with the folder, if the run created it)."""
     from torch.utils.data import DataLoader
 
-    from raydn.io import atomic_path
-    n_total = len(frames) if limit is None else min(int(limit), len(frames))
+    if options is not None and fields:
+        raise TypeError("run_stream: give StreamOptions or its fields as keywords, not both")
+    opts = options if options is not None else StreamOptions(**fields)
+    n_total = len(frames) if opts.limit is None else min(int(opts.limit), len(frames))
     if n_total == 0:
         raise DataError("no frames to run")
-    aug = aug if aug is not None else getattr(frames, "aug", None)
-    if (render_dir is not None or video is not None) and aug is None:
+    aug = opts.aug if opts.aug is not None else getattr(frames, "aug", None)
+    if (opts.render_dir is not None or opts.video is not None) and aug is None:
         raise ValueError("run_stream: rendering needs aug (image mean/std)")
     loader = DataLoader(_CatchLoadErrors(frames), batch_size=1, shuffle=False,
-                        collate_fn=_collate_or_failure, num_workers=num_workers)
-    names = backend.class_names
-    sizes = getattr(backend, "head_sizes", None)
-    trk = None
-    if tracker == "velocity" or sizes is not None:
-        trk = build_tracker(tracker, head=sizes, class_names=names, birth_score=birth_score,
-                            keep_score=keep_score)
-    paths = None
-    if render_dir is not None or video is not None:
-        from raydn.viz.render import TrackPaths
-        paths = TrackPaths()
-    scene_names = scene_names or {}
-    if video is not None:
-        from raydn.viz.video import VideoWriter
-        fps = fps or _video_fps(frames)
-    pictures: list[Path] = []   # written by this run: removed again if it fails
-    if render_dir is not None:
-        render_dir = Path(render_dir)
-        created = not render_dir.exists()
-        render_dir.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_total, desc=f"raydn infer ({backend.name})", unit="frame", dynamic_ncols=True)
+                        collate_fn=_collate_or_failure, num_workers=opts.num_workers)
+    trk = _stream_tracker(backend, opts)
+    scene_names = opts.scene_names or {}
     t0 = time.time()
-    n_det = 0
-    video_frames = 0
     have_ids = trk is not None
     with contextlib.ExitStack() as stack:
-        if render_dir is not None:
-            stack.push(lambda exc_type, exc, tb: _remove_pictures(exc_type, pictures, render_dir, created))
-        if bar is not None:
-            stack.callback(bar.close)
-        fh = None
-        if out is not None:
-            tmp = stack.enter_context(atomic_path(out))
-            fh = stack.enter_context(open(tmp, "w", encoding="utf-8"))
-        vw = stack.enter_context(VideoWriter(video, fps=fps)) if video is not None else None
+        sink = _FrameSink.open(stack, opts, aug, _video_fps(frames) if opts.video is not None else None,
+                               n_total, backend.name)
         state = backend.init_state(1)
         n = -1
         for n, batch in enumerate(loader):
@@ -411,44 +394,122 @@ def run_stream(backend, frames, *, out=None, render_dir=None, video=None, fps: f
                 raise batch.error()
             dets, state, sel = backend.step(batch, state)
             meta = batch.meta[0]
-            pose = batch.ego_pose[0].double()
-            if "world_origin" in meta:
-                pose[:3, 3] += torch.as_tensor(meta["world_origin"], dtype=torch.float64)
-            ids = None
-            if trk is not None and (sel is not None or trk.name == "velocity"):
-                g = boxes_to_global(dets[0]["boxes"], pose).numpy()
-                ids = torch.from_numpy(trk.step(TrackFrame(
-                    bool(batch.prev_exists[0] == 0), float(batch.timestamp[0]), dets[0]["labels"],
-                    dets[0]["scores"], g[:, :2], g[:, 7:9],
-                    None if sel is None else sel.decode_index[0],
-                    None if sel is None else sel.memory_index[0])))
-            else:
-                have_ids = False
+            pose = _frame_pose(batch)
+            ids = _track_ids(trk, batch, dets[0], sel, pose)
+            have_ids = have_ids and ids is not None
             rec = frame_record(n, meta, float(batch.timestamp[0]), bool(batch.prev_exists[0] == 0),
-                               dets[0], ids, pose, names, score_thr,
+                               dets[0], ids, pose, backend.class_names, opts.score_thr,
                                scene=scene_names.get(meta.get("scene_token")))
-            n_det += len(rec["detections"])
-            if fh is not None:
-                fh.write(json.dumps(rec) + "\n")
-            if render_dir is not None or vw is not None:
-                pic = _render(batch, dets[0], score_thr, aug, rec, paths, pose)
-                if render_dir is not None:
-                    from raydn.viz.render import save_image_atomic
-                    pictures.append(save_image_atomic(pic, render_dir / f"{n:06d}.png"))
-                if vw is not None:
-                    vw.append(np.asarray(pic))
-                    video_frames += 1
+            sink.write(n, batch, dets[0], rec, pose)
             if on_frame is not None:
                 on_frame(n, rec)
             del batch, dets, sel, rec
-            if bar is not None:
-                bar.update(1)
-        if fh is not None:
-            fh.flush()
-            os.fsync(fh.fileno())
-    frames_done = min(n + 1, n_total)
-    return StreamReport(frames_done, n_det, time.time() - t0, Path(out) if out else None,
-                        render_dir, Path(video) if video else None, video_frames, have_ids)
+            sink.advance()
+        sink.finish()
+    return StreamReport(min(n + 1, n_total), sink.detections, time.time() - t0,
+                        Path(opts.out) if opts.out else None, sink.render_dir,
+                        Path(opts.video) if opts.video else None, sink.video_frames, have_ids)
+
+
+def _stream_tracker(backend, opts: StreamOptions):
+    """The tracker giving the ``id`` of every detection, or None (the memory tracker needs a
+    backend that reports the model's head sizes and selection)."""
+    sizes = getattr(backend, "head_sizes", None)
+    if opts.tracker == "velocity" or sizes is not None:
+        return build_tracker(opts.tracker, head=sizes, class_names=backend.class_names,
+                             birth_score=opts.birth_score, keep_score=opts.keep_score)
+    return None
+
+
+def _frame_pose(batch) -> Tensor:
+    """(4, 4) float64 vehicle -> world pose of the batch's frame (own cameras: plus the
+    calibration file's world origin)."""
+    meta = batch.meta[0]
+    pose = batch.ego_pose[0].double()
+    if "world_origin" in meta:
+        pose[:3, 3] += torch.as_tensor(meta["world_origin"], dtype=torch.float64)
+    return pose
+
+
+def _track_ids(trk, batch, det: dict, sel, pose: Tensor) -> Tensor | None:
+    """Track ids (k,) of the frame's detections, or None where there is no tracker or the memory
+    tracker has no selection from the backend."""
+    if trk is None or (sel is None and trk.name != "velocity"):
+        return None
+    g = boxes_to_global(det["boxes"], pose).numpy()
+    return torch.from_numpy(trk.step(TrackFrame(
+        bool(batch.prev_exists[0] == 0), float(batch.timestamp[0]), det["labels"],
+        det["scores"], g[:, :2], g[:, 7:9],
+        None if sel is None else sel.decode_index[0],
+        None if sel is None else sel.memory_index[0])))
+
+
+class _FrameSink:
+    """Where :func:`run_stream` writes each frame: the JSON lines (through a temporary file), the
+    pictures (removed again if the run fails), the video, the progress bar; entered on the run's
+    ``ExitStack`` (closed or rolled back with it)."""
+
+    def __init__(self, opts: StreamOptions, aug, fh, vw, bar, render_dir: Path | None, paths):
+        self.score_thr, self.aug = opts.score_thr, aug
+        self.fh, self.vw, self.bar = fh, vw, bar
+        self.render_dir, self.paths = render_dir, paths
+        self.pictures: list[Path] = []   # written by this run: removed again if it fails
+        self.detections = 0
+        self.video_frames = 0
+
+    @classmethod
+    def open(cls, stack: contextlib.ExitStack, opts: StreamOptions, aug, rig_fps: float | None,
+             n_total: int, backend_name: str) -> "_FrameSink":
+        from raydn.io import atomic_path
+        paths = None
+        if opts.render_dir is not None or opts.video is not None:
+            from raydn.viz.render import TrackPaths
+            paths = TrackPaths()
+        render_dir = created = None
+        if opts.render_dir is not None:
+            render_dir = Path(opts.render_dir)
+            created = not render_dir.exists()
+            render_dir.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if opts.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_total, desc=f"raydn infer ({backend_name})", unit="frame", dynamic_ncols=True)
+        sink = cls(opts, aug, None, None, bar, render_dir, paths)
+        if render_dir is not None:
+            stack.push(lambda exc_type, exc, tb: _remove_pictures(exc_type, sink.pictures, render_dir, created))
+        if bar is not None:
+            stack.callback(bar.close)
+        if opts.out is not None:
+            tmp = stack.enter_context(atomic_path(opts.out))
+            sink.fh = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        if opts.video is not None:
+            from raydn.viz.video import VideoWriter
+            sink.vw = stack.enter_context(VideoWriter(opts.video, fps=opts.fps or rig_fps))
+        return sink
+
+    def write(self, n: int, batch, det: dict, rec: dict, pose: Tensor) -> None:
+        """Frame ``n``: its JSON line, picture and video frame."""
+        self.detections += len(rec["detections"])
+        if self.fh is not None:
+            self.fh.write(json.dumps(rec) + "\n")
+        if self.render_dir is not None or self.vw is not None:
+            pic = _render(batch, det, self.score_thr, self.aug, rec, self.paths, pose)
+            if self.render_dir is not None:
+                from raydn.viz.render import save_image_atomic
+                self.pictures.append(save_image_atomic(pic, self.render_dir / f"{n:06d}.png"))
+            if self.vw is not None:
+                self.vw.append(np.asarray(pic))
+                self.video_frames += 1
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self) -> None:
+        """Every frame written: the JSON lines reach the disk before the file is renamed."""
+        if self.fh is not None:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
 
 
 def _remove_pictures(exc_type, pictures: list[Path], render_dir: Path, created: bool) -> bool:

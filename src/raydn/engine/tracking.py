@@ -39,20 +39,24 @@ Only the seven nuScenes tracking classes are tracked (others: -1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from raydn.errors import DataError, RaydnError
+from raydn.eval.constants import DETECTION_NAMES, SUBMISSION_META
+from raydn.eval.submission import detections_to_global, write_results_json
+from raydn.eval.tracking import build_tracking_submission, stream_flags
 from raydn.geometry import CLASS_NAMES
 
-__all__ = ["TRACKERS", "TRACKING_NAMES", "CENTERPOINT_MAX_DIST", "TrackFrame", "MemoryTracker",
-           "VelocityTracker", "build_tracker", "greedy_assignment"]
+__all__ = ["TRACKERS", "CENTERPOINT_MAX_DIST", "TrackFrame", "MemoryTracker",
+           "VelocityTracker", "build_tracker", "greedy_assignment", "track_detections",
+           "write_tracking_submission"]
 
 #: ``--tracker`` choices (the first is the default).
 TRACKERS = ("memory", "velocity")
-
-#: The nuScenes tracking classes (devkit ``TRACKING_NAMES``, ``tracking_nips_2019``).
-TRACKING_NAMES = ("bicycle", "bus", "car", "motorcycle", "pedestrian", "trailer", "truck")
 
 #: CenterPoint's class-aware distance gates, metres (``NUSCENE_CLS_VELOCITY_ERROR`` of
 #: tianweiy/CenterPoint ``tools/nusc_tracking/pub_tracker.py``: the 99.9th percentile of the velocity
@@ -233,5 +237,51 @@ def build_tracker(kind: str, *, head=None, class_names: Sequence[str] = CLASS_NA
         return MemoryTracker.for_head(head, birth_score=birth_score, keep_score=keep_score)
     if kind == "velocity":
         return VelocityTracker(class_names, max_age=max_age, min_score=keep_score)
-    from raydn.errors import RaydnError
     raise RaydnError(f"unknown tracker {kind!r}; expected one of {', '.join(TRACKERS)}")
+
+
+# ------------------------------------------------ trackers over a detection file (nuScenes samples)
+
+#: no class-range filter: the devkit's tracking evaluation applies the class ranges to the tracks itself
+_NO_RANGE = {c: math.inf for c in DETECTION_NAMES}
+
+
+def track_detections(detections: Sequence[Mapping], infos: Sequence[Mapping], *, tracker: str,
+                     timestamps: Sequence[float], new_sequence: Sequence[bool], head=None,
+                     birth_score: float = 0.0, keep_score: float = 0.0, max_age: int = 3):
+    """Run ``tracker`` (``'memory'`` / ``'velocity'``) over the frames of one or more streams.
+
+    ``detections[i]`` / ``infos[i]``: frame i in time order (as for
+    :func:`raydn.eval.submission.detections_to_global`); the memory tracker also needs each frame's
+    ``query`` (k,) and ``memory_index`` (K,) (``stream_inference(..., with_selection=True)``) and
+    ``head`` (HeadConfig or its sizes); ``timestamps`` seconds; ``new_sequence[i]``: the memory was
+    reset at frame i (a scene start). Returns ``(global_detections, ids)``: the
+    :class:`~raydn.eval.submission.GlobalDetections` of every detection (no range filter, input
+    order) and their (N,) int64 track ids (-1: not reported)."""
+    if not (len(detections) == len(infos) == len(timestamps) == len(new_sequence)):
+        raise DataError(f"track_detections: {len(detections)} detection sets, {len(infos)} infos, "
+                        f"{len(timestamps)} timestamps, {len(new_sequence)} sequence flags")
+    g = detections_to_global(detections, infos, class_range=_NO_RANGE)
+    trk = build_tracker(tracker, head=head, birth_score=birth_score, keep_score=keep_score, max_age=max_age)
+    ids = np.full(len(g.sample_idx), -1, dtype=np.int64)
+    bounds = np.searchsorted(g.sample_idx, np.arange(len(infos) + 1))
+    lut = np.array([CLASS_NAMES.index(n) for n in DETECTION_NAMES])   # devkit order -> model labels
+    for i, det in enumerate(detections):  # per frame, in time order: a tracker is sequential
+        a, b = bounds[i], bounds[i + 1]
+        ids[a:b] = trk.step(TrackFrame(
+            bool(new_sequence[i]), float(timestamps[i]), lut[g.label[a:b]], g.score[a:b],
+            g.translation[a:b, :2], g.velocity[a:b],
+            det.get("query"), det.get("memory_index")))
+    return g, ids
+
+
+def write_tracking_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], path, *,
+                              tracker: str, head=None, **kwargs) -> Path:
+    """Track (:func:`track_detections`, times and sequence starts from
+    :func:`raydn.eval.tracking.stream_flags`) and
+    write the tracking submission JSON (atomic). Returns the path."""
+    ts, new = stream_flags(detections, infos)
+    g, ids = track_detections(detections, infos, tracker=tracker, timestamps=ts, new_sequence=new,
+                              head=head, **kwargs)
+    write_results_json(path, build_tracking_submission(g, ids), dict(SUBMISSION_META))
+    return Path(path)

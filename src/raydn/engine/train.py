@@ -32,7 +32,8 @@ from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, broadc
                                       cleanup_distributed, peer_lost_error, setup_distributed)
 from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
 from raydn.io import atomic_write_text
-from raydn.models.state import TemporalState
+from raydn.core.state import TemporalState
+from raydn.models.options import RuntimeOptions
 from raydn.presets import Preset, build_model, get_preset
 
 
@@ -114,8 +115,8 @@ class _TrainStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, state):
-        return self.model.forward_train(batch, state)
+    def forward(self, batch, state, stem=None):
+        return self.model.forward_train(batch, state, stem=stem)
 
 
 def _autocast_dtype(amp: str | None, device: torch.device, recipe: str) -> torch.dtype | None:
@@ -151,7 +152,7 @@ class Trainer:
         self.batch_per_gpu = opts.batch_per_gpu or max(1, recipe.total_batch_size // world)
         self.dataset = NuScenesStreamingDataset(
             opts.data, recipe.aug, data_root=opts.dataroot, seq_split_num=recipe.seq_split_num,
-            seed=opts.seed)
+            seed=opts.seed, load_points=replace(self.preset.model, **opts.model_overrides).depth.enabled)
         # bad data stops here, before the run folder exists: missing or truncated camera images
         from raydn.data.validate import check_dataset_images
         check_dataset_images(self.dataset)
@@ -177,20 +178,23 @@ class Trainer:
         self._resume_ckpt, self._resume_path = self._find_resume(opts.resume)
         self._check_resume_config()  # before anything is loaded or written
         start = int(self._resume_ckpt["iteration"]) if self._resume_ckpt is not None else 0
-        self.loader = build_train_loader(
-            self.dataset, batch_size=self.batch_per_gpu, rank=self.dist.rank, world_size=world,
-            seed=opts.seed, num_workers=opts.workers, start_iteration=start, keyed=True)
-        self.sampler = self.loader.batch_sampler
 
-        model = build_model(self.preset, **opts.model_overrides)
+        # the encoder's autocast is a construction option of the model (RuntimeOptions)
+        amp = _autocast_dtype(opts.amp, self.dist.device, recipe.amp)
+        model = build_model(self.preset, options=RuntimeOptions(encoder_autocast=amp), **opts.model_overrides)
         self._initialise(model)
         gc = recipe.grad_checkpoint if opts.grad_checkpoint is None else opts.grad_checkpoint
         self.grad_checkpoint = bool(gc)
         _set_grad_checkpointing(model, gc)
-        model.encoder_autocast = _autocast_dtype(opts.amp, self.dist.device, recipe.amp)
         self.model = model.to(self.dist.device).train()
-        if not self.dry_run:
-            self._setup_stem_cache()
+        #: the frozen stem's maps per sample token (raydn.models.stem_cache), or None
+        self.stem_cache = None if self.dry_run else self._fill_stem_cache()
+        if self.stem_cache is not None:  # the model is fed from the cache: a dataset that decodes nothing
+            self.dataset = self.dataset.without_images()
+        self.loader = build_train_loader(
+            self.dataset, batch_size=self.batch_per_gpu, rank=self.dist.rank, world_size=world,
+            seed=opts.seed, num_workers=opts.workers, start_iteration=start, keyed=True)
+        self.sampler = self.loader.batch_sampler
         step = _TrainStep(self.model)
         if self.dist.distributed:
             with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; 2.11 lacks its successor
@@ -232,27 +236,34 @@ class Trainer:
         return lr_factor(iteration, self.schedule.max_iters, self.schedule.warmup_iters,
                          rc.warmup_ratio, rc.min_lr_ratio)
 
-    def _setup_stem_cache(self) -> None:
-        """Fill the frozen-stem cache and stop decoding images when ``opts.stem_cache`` allows."""
+    def _fill_stem_cache(self):
+        """The filled frozen-stem cache (a :class:`~raydn.models.stem_cache.StemCache`) when
+        ``opts.stem_cache`` allows one, else None; ``'on'`` and impossible: :class:`RaydnError`."""
         from raydn.models.stem_cache import StemCache, stem_cache_blocker
         mode = self.opts.stem_cache
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"TrainOptions.stem_cache: expected 'auto', 'on' or 'off', got {mode!r}")
         if mode == "off":
-            return
+            return None
         why = stem_cache_blocker(self.model, self.preset.train.aug)
         if why is not None:
             if mode == "on":
                 from raydn.errors import RaydnError
                 raise RaydnError(f"--stem-cache on: preset {self.preset.name} cannot cache its stem: {why}")
-            return
+            return None
         t = time.time()
         cache = StemCache().fill(self.model, self.dataset, progress=self.opts.progress and self.dist.is_main)
-        self.model.stem_cache = cache
-        self.dataset.load_images = False
         if self.dist.is_main:
             print(f"stem cache: {len(cache)} frames, {cache.nbytes() / 2 ** 20:.0f} MiB, "
                   f"{time.time() - t:.1f} s (images are no longer decoded)", flush=True)
+        return cache
+
+    def _cached_stem(self, batch):
+        """The cached stem maps of ``batch``'s frames (looked up by sample token), or None without
+        a stem cache (the model then encodes the batch's images)."""
+        if self.stem_cache is None:
+            return None
+        return self.stem_cache.lookup([m["sample_token"] for m in batch.meta], device=self.dist.device)
 
     def close(self) -> None:
         """Release the run folder (its lock); :meth:`run` does it when it ends."""
@@ -399,7 +410,7 @@ class Trainer:
     def train_step(self, batch) -> dict[str, float]:
         self._set_lr()
         batch = batch.to(self.dist.device)
-        losses, self.state = self.step_fn(batch, self.state)
+        losses, self.state = self.step_fn(batch, self.state, self._cached_stem(batch))
         total = sum(v for k, v in losses.items() if "loss" in k)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -424,106 +435,164 @@ class Trainer:
             return self._run()
 
     def _run(self) -> dict:
-        opts, sched = self.opts, self.schedule
-        log_file = writer = bar = None
-        if self._resume_ckpt is not None and self.iteration >= sched.max_iters:
-            if self.dist.is_main:  # nothing to do: say so rather than "finish" silently
-                print(f"{self.out_dir}: training already finished (iteration {self.iteration} of "
-                      f"{sched.max_iters}, {self._resume_path}); nothing to train. A resumed run keeps "
-                      "its schedule: to train longer, start a new run in another --out", flush=True)
-            self.close()
-            return {"iteration": self.iteration, "history": self.history,
-                    "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict(),
-                    "already_finished": True, "is_main": self.dist.is_main}
-        if self.dist.is_main:
-            print(sched.describe(), flush=True)
-            self._record_config()
-            atomic_write_text(self.out_dir / "config.json", json.dumps(
-                {"preset": _jsonable(self.preset), "options": _jsonable(opts),
-                 "schedule": sched.as_dict()}, indent=2))
-            log_file = open(self.out_dir / "log.txt", "a")
-            log_file.write(sched.describe() + "\n")
-            if opts.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                    writer = SummaryWriter(str(self.out_dir / "tb"))
-                except Exception:  # tensorboard not installed: plain log only
-                    writer = None
-            if opts.progress:
-                from tqdm import tqdm
-                bar = tqdm(total=sched.max_iters, initial=self.iteration, desc="train",
-                           dynamic_ncols=True, smoothing=0.1)
-        end = sched.max_iters
+        opts = self.opts
+        if self._resume_ckpt is not None and self.iteration >= self.schedule.max_iters:
+            return self._already_finished()
+        log = self._open_run_log() if self.dist.is_main else None
+        end = self.schedule.max_iters
         if opts.stop_after is not None:
             end = min(end, self.iteration + opts.stop_after)
         stop_end = end
         it_loader = iter(self.loader)
         flush = bool(opts.flush_denormal and self.dist.device.type == "cpu" and torch.set_flush_denormal(True))
         t0 = time.time()
-        # time budget: a first fit after ``budget_probe`` iterations (start-up included, so cautious),
-        # a second one 7 probes later at the steady speed, which may give iterations back (up to
-        # the recipe's length); the lr change this causes is negligible that early in the cosine
-        probes = set()
-        if opts.time_budget_s is not None:
-            # ... and every 8 probes after that (the speed drifts over a run: a demo measured
-            # 0.74 s/it at 160 iterations and 0.85 s/it later, ending 100 s over its budget)
-            start, step = self.iteration, 8 * opts.budget_probe
-            probes = {start + opts.budget_probe} | set(range(start + step, start + sched.max_iters + 1, step))
-        cap, t_probe, it_probe = sched.max_iters, t0, self.iteration
+        budget = (_BudgetProbes(self.iteration, self.schedule.max_iters, opts.budget_probe, t0)
+                  if opts.time_budget_s is not None else None)
         saved_at = None
         try:
             while self.iteration < end:
-                batch = next(it_loader)
-                logged = self.train_step(batch)
-                if self.iteration in probes:
+                logged = self.train_step(next(it_loader))
+                if budget is not None and budget.due(self.iteration):
                     now = time.time()
-                    self._fit_time_budget(now - self._t_created, (now - t_probe) / (self.iteration - it_probe), cap)
-                    t_probe, it_probe = now, self.iteration
-                    sched = self.schedule
-                    end = min(stop_end, sched.max_iters)
-                    if bar is not None:
-                        bar.total = sched.max_iters
-                        bar.refresh()
+                    rate = budget.measure(self.iteration, now)
+                    self._fit_time_budget(now - self._t_created, rate, budget.cap)
+                    end = min(stop_end, self.schedule.max_iters)
+                    if log is not None:
+                        log.set_total(self.schedule.max_iters)
                 if not math.isfinite(logged["loss"]):
                     raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {logged}")
                 self.history.append({"iter": self.iteration, "loss": logged["loss"]})
-                if self.dist.is_main:
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.2e}")
-                    if self.iteration % opts.log_interval == 0 or self.iteration == end:
-                        line = json.dumps({"iter": self.iteration, "time": round(time.time() - t0, 2),
-                                           **{k: round(v, 5) for k, v in logged.items()}})
-                        log_file.write(line + "\n")
-                        log_file.flush()
-                        if writer is not None:
-                            for k, v in logged.items():
-                                writer.add_scalar(f"train/{k}", v, self.iteration)
+                if log is not None:
+                    log.step(self.iteration, logged, write=(self.iteration % opts.log_interval == 0
+                                                            or self.iteration == end), t0=t0)
                 if self.iteration % opts.ckpt_interval == 0 or self.iteration == end:
                     self.save_checkpoint()
                     saved_at = self.iteration
-                signum = self._termination_signal()
-                if signum:
-                    if saved_at != self.iteration:
-                        self.save_checkpoint()
-                    if self.dist.is_main:
-                        print(f"\n{signal.Signals(signum).name}: stopped at iteration {self.iteration}, checkpoint "
-                              f"{self.checkpoint_path()} saved; continue with --resume auto", flush=True)
-                    termination.raise_pending(signum)
+                self._stop_on_signal(saved_at)
         finally:
             if flush:
                 torch.set_flush_denormal(False)  # the process default
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
-            if log_file is not None:
-                log_file.close()
+            if log is not None:
+                log.close()
             self.close()
         return {"iteration": self.iteration, "history": self.history,
-                "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict(),
+                "checkpoint": str(self.checkpoint_path()), "schedule": self.schedule.as_dict(),
                 "is_main": self.dist.is_main}
 
+    def _already_finished(self) -> dict:
+        """A resumed run whose schedule is done: say so (rather than "finish" silently), release
+        the folder, and return the usual result with ``already_finished``."""
+        sched = self.schedule
+        if self.dist.is_main:
+            print(f"{self.out_dir}: training already finished (iteration {self.iteration} of "
+                  f"{sched.max_iters}, {self._resume_path}); nothing to train. A resumed run keeps "
+                  "its schedule: to train longer, start a new run in another --out", flush=True)
+        self.close()
+        return {"iteration": self.iteration, "history": self.history,
+                "checkpoint": str(self.checkpoint_path()), "schedule": sched.as_dict(),
+                "already_finished": True, "is_main": self.dist.is_main}
+
+    def _open_run_log(self) -> "_RunLog":
+        """Rank 0 at the start of the loop: print the schedule, write ``config.yaml`` /
+        ``config.json``, open ``log.txt`` (appended), TensorBoard and the progress bar."""
+        opts, sched = self.opts, self.schedule
+        print(sched.describe(), flush=True)
+        self._record_config()
+        atomic_write_text(self.out_dir / "config.json", json.dumps(
+            {"preset": _jsonable(self.preset), "options": _jsonable(opts),
+             "schedule": sched.as_dict()}, indent=2))
+        return _RunLog.open(self.out_dir, sched.describe(), total=sched.max_iters, initial=self.iteration,
+                            tensorboard=opts.tensorboard, progress=opts.progress)
+
+    def _stop_on_signal(self, saved_at: int | None) -> None:
+        """After an iteration: on a SIGTERM / SIGHUP (any rank's), save a checkpoint (unless this
+        iteration's is written), say how to continue and raise :class:`~raydn.errors.Terminated`."""
+        signum = self._termination_signal()
+        if not signum:
+            return
+        if saved_at != self.iteration:
+            self.save_checkpoint()
+        if self.dist.is_main:
+            print(f"\n{signal.Signals(signum).name}: stopped at iteration {self.iteration}, checkpoint "
+                  f"{self.checkpoint_path()} saved; continue with --resume auto", flush=True)
+        termination.raise_pending(signum)
+
+
+class _BudgetProbes:
+    """When the time budget (``TrainOptions.time_budget_s``) measures the speed, and the speed it
+    measures. A first probe ``probe`` iterations into the run (start-up included, so cautious), a
+    second one 7 probes later at the steady speed, which may give iterations back (up to the
+    recipe's length; the lr change this causes is negligible that early in the cosine), and every
+    8 probes after that (the speed drifts over a run: a demo measured 0.74 s/it at 160 iterations
+    and 0.85 s/it later, ending 100 s over its budget). ``cap``: the schedule's length at the start,
+    which no fit exceeds."""
+
+    def __init__(self, start: int, max_iters: int, probe: int, t0: float):
+        step = 8 * probe
+        self.probes = {start + probe} | set(range(start + step, start + max_iters + 1, step))
+        self.cap = max_iters
+        self._t, self._it = t0, start
+
+    def due(self, iteration: int) -> bool:
+        return iteration in self.probes
+
+    def measure(self, iteration: int, now: float) -> float:
+        """Seconds per iteration since the previous probe (``now``: the time, s); starts the next
+        interval."""
+        rate = (now - self._t) / (iteration - self._it)
+        self._t, self._it = now, iteration
+        return rate
+
+
+class _RunLog:
+    """Rank 0's outputs of the loop: ``log.txt`` (a JSON line every ``log_interval`` iterations),
+    TensorBoard scalars (when installed and wanted) and the progress bar."""
+
+    def __init__(self, log_file, writer, bar):
+        self.log_file, self.writer, self.bar = log_file, writer, bar
+
+    @classmethod
+    def open(cls, out_dir: Path, header: str, *, total: int, initial: int, tensorboard: bool,
+             progress: bool) -> "_RunLog":
+        log_file = open(out_dir / "log.txt", "a")
+        log_file.write(header + "\n")
+        writer = bar = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(str(out_dir / "tb"))
+            except Exception:  # tensorboard not installed: plain log only
+                writer = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, smoothing=0.1)
+        return cls(log_file, writer, bar)
+
+    def set_total(self, total: int) -> None:
+        """The schedule's length changed (time budget)."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def step(self, iteration: int, logged: dict, *, write: bool, t0: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.2e}")
+        if write:
+            line = json.dumps({"iter": iteration, "time": round(time.time() - t0, 2),
+                               **{k: round(v, 5) for k, v in logged.items()}})
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+            if self.writer is not None:
+                for k, v in logged.items():
+                    self.writer.add_scalar(f"train/{k}", v, iteration)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.log_file.close()
 
 def _fitted_iters(done: int, seconds_left: float, rate: float, cap: int) -> int:
     """Schedule length when ``done`` iterations are behind and ``seconds_left`` remain at ``rate``

@@ -15,6 +15,9 @@ DETECTION_NAMES = (
     "pedestrian", "motorcycle", "bicycle", "traffic_cone", "barrier",
 )
 
+#: The nuScenes tracking classes (devkit ``TRACKING_NAMES``, ``tracking_nips_2019``).
+TRACKING_NAMES = ("bicycle", "bus", "car", "motorcycle", "pedestrian", "trailer", "truck")
+
 #: Attribute names in the devkit's order. Index ``-1`` in our arrays means "no attribute" ('').
 ATTRIBUTE_NAMES = (
     "pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing",

@@ -8,11 +8,13 @@ import os
 from typing import Any
 
 from raydn.errors import DataError
-from raydn.eval.fast_eval import format_summary
+from raydn.eval.fast_eval import evaluate, format_summary
+from raydn.eval.gt import gt_from_nusc
+from raydn.eval.submission import load_results_arrays
+from raydn.io import atomic_write_json
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    from raydn.io import atomic_write_json
     atomic_write_json(path, obj, indent=2)
 
 
@@ -77,9 +79,6 @@ def fast_eval_results_file(result_path: str | os.PathLike, dataroot: str | os.Pa
     (``load_gt``, ``add_center_dist`` poses, bike racks), predictions parsed straight into arrays.
     Returns a :class:`~raydn.eval.fast_eval.DetectionResult` equal to :func:`run_devkit_eval`'s
     numbers to float rounding."""
-    from raydn.eval.fast_eval import evaluate
-    from raydn.eval.gt import gt_from_nusc
-    from raydn.eval.submission import load_results_arrays
     try:
         from nuscenes import NuScenes
     except ImportError as e:  # pragma: no cover

@@ -31,9 +31,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from raydn.core.frames import quat_to_matrix
 from raydn.errors import DataError
 from raydn.eval.constants import ATTRIBUTE_NAMES, CLASS_RANGE, DETECTION_NAMES, TP_METRICS, TP_METRIC_PRINT
-from raydn.eval.rotations import quat_to_matrix
 
 _NAME_TO_LABEL = {n: i for i, n in enumerate(DETECTION_NAMES)}
 _ATTR_TO_INDEX = {n: i for i, n in enumerate(ATTRIBUTE_NAMES)}
@@ -330,17 +330,38 @@ def greedy_match(gt: EvalArrays, pred: EvalArrays, dist_ths: Sequence[float], *,
     predictions (default :func:`score_order`). Returns (N_pred, T) int64: the index of the
     matched GT box for each prediction and threshold, -1 if it is a false positive.
     """
+    n_cls = len(DETECTION_NAMES)
+    return greedy_match_groups(gt.sample_idx * n_cls + gt.label, gt.translation[:, :2],
+                               pred.sample_idx * n_cls + pred.label, pred.translation[:, :2],
+                               score_order(pred) if order is None else order, dist_ths,
+                               chunk_pairs=chunk_pairs)
+
+
+def greedy_match_groups(gt_key: np.ndarray, gt_xy: np.ndarray, pred_key: np.ndarray,
+                        pred_xy: np.ndarray, order: np.ndarray, dist_ths: Sequence[float], *,
+                        chunk_pairs: int = 4_000_000) -> np.ndarray:
+    """The one greedy matcher (the devkit's rule): predictions in ``order`` each take the nearest
+    free GT box of their group whose BEV centre distance is **strictly below** the threshold
+    (devkit ``min_dist < dist_th``; ties: the first GT in input order).
+
+    ``gt_key`` (G,) / ``pred_key`` (N,) int64 group of each box (e.g. sample x class; boxes match only
+    inside their group), ``gt_xy`` (G, 2) / ``pred_xy`` (N, 2) BEV centres in metres, ``order`` (N,)
+    processing order of the predictions, ``dist_ths`` T thresholds in metres (matched independently).
+    Returns (N, T) int64: the matched GT index per prediction and threshold, -1 = false positive.
+    All groups advance together, one round per rank inside a group (vectorised over groups)."""
+    gt_key, pred_key = np.asarray(gt_key, np.int64), np.asarray(pred_key, np.int64)
+    gt_xy, pred_xy = np.asarray(gt_xy, np.float64), np.asarray(pred_xy, np.float64)
+    n_gt, n_pred = gt_key.shape[0], pred_key.shape[0]
     ths = np.asarray(dist_ths, dtype=np.float64)
     n_t = ths.shape[0]
-    matched = np.full((len(pred), n_t), -1, dtype=np.int64)
-    if len(pred) == 0 or len(gt) == 0:
+    matched = np.full((n_pred, n_t), -1, dtype=np.int64)
+    if n_pred == 0 or n_gt == 0:
         return matched
-    n_cls = len(DETECTION_NAMES)
     max_th = ths.max()
-    gkey = gt.sample_idx * n_cls + gt.label
+    gkey = gt_key
     gorder = np.argsort(gkey, kind="stable")           # GT grouped, original order inside a group
     gkey_sorted = gkey[gorder]
-    pkey = pred.sample_idx * n_cls + pred.label
+    pkey = pred_key
 
     # Candidate (pred, gt) pairs closer than the largest threshold, in chunks of predictions.
     lo = np.searchsorted(gkey_sorted, pkey, side="left")
@@ -357,7 +378,7 @@ def greedy_match(gt: EvalArrays, pred: EvalArrays, dist_ths: Sequence[float], *,
         c = cnt[sel]
         q = np.repeat(sel, c)
         g = gorder[np.repeat(lo[sel] - (np.cumsum(c) - c), c) + np.arange(q.shape[0])]
-        d = pred.translation[q, :2] - gt.translation[g, :2]      # devkit: pred - gt, xy only
+        d = pred_xy[q] - gt_xy[g]                                  # devkit: pred - gt, xy only
         dist = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
         close = dist < max_th
         cp.append(q[close]), cg.append(g[close]), cd.append(dist[close])
@@ -373,13 +394,13 @@ def greedy_match(gt: EvalArrays, pred: EvalArrays, dist_ths: Sequence[float], *,
     slot = np.arange(pair_p.shape[0]) - np.repeat(first, kcount)
     row = np.repeat(np.arange(cand.shape[0]), kcount)
     dtab = np.full((cand.shape[0], kmax), np.inf)
-    gtab = np.full((cand.shape[0], kmax), len(gt), dtype=np.int64)   # padding -> dummy GT row
+    gtab = np.full((cand.shape[0], kmax), n_gt, dtype=np.int64)      # padding -> dummy GT row
     dtab[row, slot] = pair_d
     gtab[row, slot] = pair_g
 
     # Round of each candidate = its rank among the candidates of its (sample, class) group.
-    rank = np.empty(len(pred), dtype=np.int64)
-    rank[score_order(pred) if order is None else order] = np.arange(len(pred))
+    rank = np.empty(n_pred, dtype=np.int64)
+    rank[np.asarray(order)] = np.arange(n_pred)
     ckey = pkey[cand]
     o = np.lexsort((rank[cand], ckey))
     ks = ckey[o]
@@ -390,7 +411,7 @@ def greedy_match(gt: EvalArrays, pred: EvalArrays, dist_ths: Sequence[float], *,
     by_round = np.argsort(rnd, kind="stable")
     bounds = np.searchsorted(rnd[by_round], np.arange(rnd.max() + 2))
 
-    taken = np.zeros((len(gt) + 1, n_t), dtype=bool)
+    taken = np.zeros((n_gt + 1, n_t), dtype=bool)
     t_idx = np.broadcast_to(np.arange(n_t), (1, n_t))
     for r in range(bounds.shape[0] - 1):
         rows = by_round[bounds[r]:bounds[r + 1]]

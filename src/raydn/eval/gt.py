@@ -17,10 +17,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from raydn.core.frames import lidar_boxes_to_global, quat_yaw
 from raydn.errors import DataError
 from raydn.eval.constants import ATTRIBUTE_NAMES, BIKE_RACK_CATEGORY, CATEGORY_TO_DETECTION, DETECTION_NAMES
 from raydn.eval.fast_eval import BikeRacks, EvalArrays
-from raydn.eval.rotations import quat_multiply, quat_to_matrix, quat_yaw, rotate_vectors
 
 _NAME_TO_LABEL = {n: i for i, n in enumerate(DETECTION_NAMES)}
 _ATTR_TO_INDEX = {n: i for i, n in enumerate(ATTRIBUTE_NAMES)}
@@ -191,18 +191,3 @@ def gt_from_infos(infos: Sequence[Mapping]) -> tuple[EvalArrays, BikeRacks, dict
                     vel_g[keep, :2], label[keep], np.full(int(keep.sum()), -1.0), attr,
                     np.sqrt(ego_xy[:, 0] ** 2 + ego_xy[:, 1] ** 2), npts[keep])
     return gt, racks, {t: e2g_t[k] for k, t in enumerate(tokens)}
-
-
-def lidar_boxes_to_global(centre, yaw, velocity, sample_idx, l2e_t, l2e_q, e2g_t, e2g_q):
-    """LiDAR-frame boxes -> global frame, nuScenes ``Box.rotate``/``translate`` order.
-
-    centre (N, 3), yaw (N,), velocity (N, 3) float64; per-sample transforms (S, 3) / (S, 4)
-    (quaternions ``w, x, y, z``) gathered with ``sample_idx`` (N,).
-    Returns centre (N, 3), rotation quaternion (N, 4), velocity (N, 3), all global."""
-    from raydn.eval.rotations import quat_from_yaw
-    r_l2e, r_e2g = quat_to_matrix(l2e_q)[sample_idx], quat_to_matrix(e2g_q)[sample_idx]
-    c = rotate_vectors(r_l2e, centre) + l2e_t[sample_idx]
-    c = rotate_vectors(r_e2g, c) + e2g_t[sample_idx]
-    q = quat_multiply(e2g_q[sample_idx], quat_multiply(l2e_q[sample_idx], quat_from_yaw(yaw)))
-    v = rotate_vectors(r_e2g, rotate_vectors(r_l2e, velocity))
-    return c, q, v

@@ -7,8 +7,9 @@ standard nuScenes numbers isolates this; this module counts it.
 Definition (all in the LiDAR frame of each sample; predictions with ``score >= score_threshold``):
 
 1. **Matching.** Per sample and class, predictions in descending score take the nearest free GT
-   box whose BEV centre distance is ``<= match_dist`` (2 m, the nuScenes threshold at which TP
-   errors are computed). Predictions that take a GT are true positives, the others false positives.
+   box whose BEV centre distance is ``< match_dist`` (2 m, the nuScenes threshold at which TP
+   errors are computed; the devkit's strict rule, :func:`raydn.eval.fast_eval.greedy_match_groups`).
+   Predictions that take a GT are true positives, the others false positives.
 2. **Camera rays.** For every GT box and every camera in which the box centre projects inside the
    image (positive depth), the ray is the half-line from that camera's optical centre through the
    box centre.
@@ -30,7 +31,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from raydn.core.frames import camera_matrices, invert_rigid, pose_matrix
 from raydn.errors import DataError
+from raydn.eval.fast_eval import greedy_match_groups
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
 
 
@@ -45,27 +48,17 @@ class RayDuplicateConfig:
 
 def greedy_match_bev(gt_xy: np.ndarray, gt_label: np.ndarray, pred_xy: np.ndarray,
                      pred_label: np.ndarray, pred_score: np.ndarray, max_dist: float) -> np.ndarray:
-    """One sample: predictions in descending score take the nearest free same-class GT within
-    ``max_dist`` (BEV). Returns (N_pred,) GT index or -1. Loops over predictions of one sample
-    (the devkit's greedy rule is sequential by nature); the distances are vectorised."""
-    matched = np.full(len(pred_xy), -1, dtype=np.int64)
-    if len(pred_xy) == 0 or len(gt_xy) == 0:
-        return matched
-    dist = np.linalg.norm(pred_xy[:, None, :] - gt_xy[None, :, :], axis=-1)
-    dist[pred_label[:, None] != gt_label[None, :]] = np.inf
-    taken = np.zeros(len(gt_xy), dtype=bool)
-    for i in np.argsort(-pred_score, kind="stable"):
-        d = np.where(taken, np.inf, dist[i])
-        j = int(np.argmin(d))
-        if d[j] <= max_dist:
-            matched[i] = j
-            taken[j] = True
-    return matched
+    """One sample: predictions in descending score (stable) take the nearest free same-class GT
+    closer than ``max_dist`` (BEV, metres; the devkit's strict ``<``) -- the evaluator's matcher
+    :func:`raydn.eval.fast_eval.greedy_match_groups` with the class as the group. Returns (N_pred,)
+    GT index or -1."""
+    order = np.argsort(-np.asarray(pred_score, np.float64), kind="stable")
+    return greedy_match_groups(gt_label, gt_xy, pred_label, pred_xy, order, (float(max_dist),))[:, 0]
 
 
-def camera_geometry(info: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Official info record -> camera centres (6, 3) in the LiDAR frame, LiDAR->camera rotations
-    (6, 3, 3) and translations (6, 3), intrinsics (6, 3, 3)."""
+def camera_geometry(info: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """Official info record -> camera centres (6, 3) in the LiDAR frame and ``lidar2img`` (6, 4, 4)
+    of the raw images (:func:`raydn.core.frames.camera_matrices` with no image transform)."""
     try:
         cams = [info["cams"][c] for c in CAMERA_NAMES]
         r_c2l = np.stack([np.asarray(c["sensor2lidar_rotation"], np.float64).reshape(3, 3) for c in cams])
@@ -73,7 +66,8 @@ def camera_geometry(info: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = np.stack([np.asarray(c["cam_intrinsic"], np.float64).reshape(3, 3) for c in cams])
     except KeyError as e:
         raise DataError(f"info record {info.get('token', '?')}: missing camera field {e.args[0]!r}") from None
-    return t_c2l, np.swapaxes(r_c2l, 1, 2), k
+    _, lidar2img = camera_matrices(k, invert_rigid(pose_matrix(r_c2l, t_c2l)), np.eye(3))
+    return t_c2l, lidar2img
 
 
 def sample_ray_duplicates(pred_boxes: np.ndarray, pred_labels: np.ndarray, pred_scores: np.ndarray,
@@ -88,10 +82,9 @@ def sample_ray_duplicates(pred_boxes: np.ndarray, pred_labels: np.ndarray, pred_
     is_fp = matched < 0
     is_dup = np.zeros(len(p), dtype=bool)
     if is_fp.any() and len(g):
-        centres, r_l2c, k = camera_geometry(info)                          # (6, 3), (6, 3, 3), (6, 3, 3)
+        centres, l2i = camera_geometry(info)                                # (6, 3), (6, 4, 4)
         # which cameras see each GT centre: project into every image
-        g_cam = np.einsum("kij,nkj->nki", r_l2c, g[:, None, :] - centres[None])   # (G, 6, 3)
-        uvw = np.einsum("kij,nkj->nki", k, g_cam)
+        uvw = np.einsum("kij,nj->nki", l2i[:, :3, :3], g) + l2i[None, :, :3, 3]  # (G, 6, 3)
         depth = uvw[..., 2]
         with np.errstate(divide="ignore", invalid="ignore"):
             u, v = uvw[..., 0] / depth, uvw[..., 1] / depth

@@ -29,12 +29,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from raydn.core.frames import lidar_boxes_to_global, quat_to_matrix, quat_yaw, rotate_vectors
 from raydn.errors import DataError
 from raydn.eval.constants import ATTRIBUTE_NAMES, CLASS_RANGE, DEFAULT_ATTRIBUTE, DETECTION_NAMES, SUBMISSION_META
 from raydn.eval.fast_eval import EvalArrays
-from raydn.eval.gt import lidar_boxes_to_global
-from raydn.eval.rotations import quat_to_matrix, quat_yaw, rotate_vectors
 from raydn.geometry import CLASS_NAMES
+from raydn.io import atomic_write_json
 
 _ATTR_TO_INDEX = {n: i for i, n in enumerate(ATTRIBUTE_NAMES)}
 _DET_TO_LABEL = {n: i for i, n in enumerate(DETECTION_NAMES)}
@@ -201,7 +201,6 @@ def build_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], **
 def write_results_json(path: str | os.PathLike, results: Mapping[str, list], meta: Mapping | None = None) -> str:
     """Write ``{"meta": meta, "results": results}`` atomically (temp file + ``os.replace``).
     ``meta`` defaults to the official camera-only block. Returns the path."""
-    from raydn.io import atomic_write_json
     atomic_write_json(path, {"meta": dict(SUBMISSION_META if meta is None else meta), "results": results})
     return os.fspath(path)
 

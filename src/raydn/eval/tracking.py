@@ -5,13 +5,16 @@ Format (nuScenes tracking, ``tracking_nips_2019``): ``{"meta": {...}, "results":
 has ``sample_token``, ``translation`` (3, global frame, m), ``size`` (3, w l h > 0), ``rotation``
 (4, quaternion w x y z), ``velocity`` (2, m/s, global), ``tracking_id`` (a string: one id per track
 across the samples of a scene), ``tracking_name`` (one of the seven tracking classes,
-:data:`raydn.engine.tracking.TRACKING_NAMES`) and ``tracking_score`` (in [0, 1]).
+:data:`raydn.eval.constants.TRACKING_NAMES`) and ``tracking_score`` (in [0, 1]).
 
 The boxes come from the detection submission's conversion (:func:`raydn.eval.submission.
 detections_to_global`, ONE home for LiDAR -> ego -> global), without its class-range filter (the
 devkit's tracking evaluation applies the same ranges to the tracks itself); the track ids from a
-tracker of :mod:`raydn.engine.tracking`, run per stream in time order. Detections of the other
-three classes, and detections the tracker does not report, are left out.
+tracker of :mod:`raydn.engine.tracking`, run per stream in time order
+(:func:`raydn.engine.tracking.track_detections`, which writes the file with
+:func:`raydn.engine.tracking.write_tracking_submission`). Detections of the other three classes, and
+detections the tracker does not report, are left out. This module holds the format
+(:func:`build_tracking_submission`, :func:`stream_flags`), its checks and the metric: no tracker.
 
 Scoring: nuscenes-devkit's ``TrackingEval`` (AMOTA, AMOTP, MOTA, recall, IDS, FRAG, ...); it needs
 ``motmetrics`` and ``pandas`` (``pip install 'raydn[tracking]'``).
@@ -19,58 +22,26 @@ Scoring: nuscenes-devkit's ``TrackingEval`` (AMOTA, AMOTP, MOTA, recall, IDS, FR
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from raydn.engine.tracking import TRACKING_NAMES, TrackFrame, build_tracker
 from raydn.errors import DataError
-from raydn.eval.constants import DETECTION_NAMES
+from raydn.eval.constants import DETECTION_NAMES, TRACKING_NAMES
+from raydn.eval.validate_submission import _VECTORS, _numbers, validate_submission
+from raydn.io import atomic_write_json
 
-__all__ = ["track_detections", "build_tracking_submission", "stream_flags", "write_tracking_submission",
-           "check_tracking_record",
+__all__ = ["build_tracking_submission", "stream_flags", "check_tracking_record",
            "validate_tracking_submission", "run_tracking_eval", "format_tracking_summary"]
 
 _TRACKED = np.array([n in TRACKING_NAMES for n in DETECTION_NAMES])
-_NO_RANGE = {c: math.inf for c in DETECTION_NAMES}
-
-
-def track_detections(detections: Sequence[Mapping], infos: Sequence[Mapping], *, tracker: str,
-                     timestamps: Sequence[float], new_sequence: Sequence[bool], head=None,
-                     birth_score: float = 0.0, keep_score: float = 0.0, max_age: int = 3):
-    """Run ``tracker`` (``'memory'`` / ``'velocity'``) over the frames of one or more streams.
-
-    ``detections[i]`` / ``infos[i]``: frame i in time order (as for
-    :func:`raydn.eval.submission.detections_to_global`); the memory tracker also needs each frame's
-    ``query`` (k,) and ``memory_index`` (K,) (``stream_inference(..., with_selection=True)``) and
-    ``head`` (HeadConfig or its sizes); ``timestamps`` seconds; ``new_sequence[i]``: the memory was
-    reset at frame i (a scene start). Returns ``(global_detections, ids)``: the
-    :class:`~raydn.eval.submission.GlobalDetections` of every detection (no range filter, input
-    order) and their (N,) int64 track ids (-1: not reported)."""
-    from raydn.eval.submission import detections_to_global
-    if not (len(detections) == len(infos) == len(timestamps) == len(new_sequence)):
-        raise DataError(f"track_detections: {len(detections)} detection sets, {len(infos)} infos, "
-                        f"{len(timestamps)} timestamps, {len(new_sequence)} sequence flags")
-    g = detections_to_global(detections, infos, class_range=_NO_RANGE)
-    trk = build_tracker(tracker, head=head, birth_score=birth_score, keep_score=keep_score, max_age=max_age)
-    ids = np.full(len(g.sample_idx), -1, dtype=np.int64)
-    bounds = np.searchsorted(g.sample_idx, np.arange(len(infos) + 1))
-    from raydn.geometry import CLASS_NAMES
-    lut = np.array([CLASS_NAMES.index(n) for n in DETECTION_NAMES])   # devkit order -> model labels
-    for i, det in enumerate(detections):  # per frame, in time order: a tracker is sequential
-        a, b = bounds[i], bounds[i + 1]
-        ids[a:b] = trk.step(TrackFrame(
-            bool(new_sequence[i]), float(timestamps[i]), lut[g.label[a:b]], g.score[a:b],
-            g.translation[a:b, :2], g.velocity[a:b],
-            det.get("query"), det.get("memory_index")))
-    return g, ids
 
 
 def build_tracking_submission(g, ids: np.ndarray) -> dict[str, list[dict]]:
-    """``results`` of the tracking submission from :func:`track_detections`' output: tracked
+    """``results`` of the tracking submission from the output of
+    :func:`raydn.engine.tracking.track_detections` (``g``, ``ids``): tracked
     boxes of the seven tracking classes, every sample present, highest scores first, at most 500
     per sample."""
     results: dict[str, list[dict]] = {t: [] for t in g.sample_tokens}
@@ -104,22 +75,8 @@ def stream_flags(detections: Sequence[Mapping], infos: Sequence[Mapping]) -> tup
     return ts, new
 
 
-def write_tracking_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], path, *,
-                              tracker: str, head=None, **kwargs) -> Path:
-    """Track (:func:`track_detections`, times and sequence starts from :func:`stream_flags`) and
-    write the tracking submission JSON (atomic). Returns the path."""
-    from raydn.eval.constants import SUBMISSION_META
-    from raydn.eval.submission import write_results_json
-    ts, new = stream_flags(detections, infos)
-    g, ids = track_detections(detections, infos, tracker=tracker, timestamps=ts, new_sequence=new,
-                              head=head, **kwargs)
-    write_results_json(path, build_tracking_submission(g, ids), dict(SUBMISSION_META))
-    return Path(path)
-
-
 def check_tracking_record(where: str, token: str, rec) -> None:
     """One tracking record (see the module docstring); raises :class:`DataError`."""
-    from raydn.eval.validate_submission import _VECTORS, _numbers
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
     missing = [k for k in ("sample_token", "translation", "size", "rotation", "velocity", "tracking_id",
@@ -152,7 +109,6 @@ def validate_tracking_submission(path: str | os.PathLike, sample_tokens: Collect
     ``sample_tokens`` (same file-level rules and messages as
     :func:`raydn.eval.validate_submission.validate_submission`: file size, JSON, ``meta``, every
     sample, <= 500 boxes, global frame). Returns the parsed JSON."""
-    from raydn.eval.validate_submission import validate_submission
     return validate_submission(path, sample_tokens, ego_translation=ego_translation,
                                check=check_tracking_record, kind="tracking submission", items="tracks")
 
@@ -179,7 +135,6 @@ def run_tracking_eval(result_path: str | os.PathLike, dataroot: str | os.PathLik
                         "pip install 'raydn[nuscenes,tracking]'") from None
     import tempfile
 
-    from raydn.io import atomic_write_json
     result_path, out_dir = os.fspath(result_path), os.fspath(out_dir)
     if nusc is None:
         if not os.path.isdir(os.path.join(os.fspath(dataroot), version)):

@@ -32,6 +32,7 @@ import numpy as np
 
 from raydn.errors import DataError
 from raydn.eval.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
+from raydn.limits import check_file_size, MAX_SUBMISSION_FILE_BYTES
 
 MAX_BOXES_PER_SAMPLE = 500
 _VECTORS = (("translation", 3, False), ("size", 3, False), ("rotation", 4, False), ("velocity", 2, True))
@@ -117,7 +118,6 @@ def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
     frame: :func:`check_global_frame`). Returns the parsed JSON; raises :class:`DataError` at the
     first problem. ``check(where, token, record)`` checks one box record (the detection rules by
     default; :mod:`raydn.eval.tracking` passes its own, with ``kind`` / ``items`` for the messages)."""
-    from raydn.limits import MAX_SUBMISSION_FILE_BYTES, check_file_size
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} file not found")

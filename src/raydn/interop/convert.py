@@ -18,6 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from raydn.errors import CheckpointError
+from raydn.io import atomic_torch_save
+from raydn.models.init_weights import DETECTOR, InitReport
+from raydn.presets import build_model, get_preset
+from raydn.safe_load import load_weights_only
 
 #: (official key prefix, raydn key prefix) rename rules, applied first match wins.
 RENAMES: tuple[tuple[str, str], ...] = ()
@@ -209,7 +213,6 @@ def add_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
     """``torch.load`` on CPU with ``weights_only=True``; a file that needs arbitrary unpickling
     raises :class:`CheckpointError` unless ``trust=True`` (only for files you trust)."""
-    from raydn.safe_load import load_weights_only
     return load_weights_only(path, map_location="cpu", trust=trust)
 
 
@@ -228,7 +231,6 @@ def load_official_checkpoint(path: str | os.PathLike, model: nn.Module, strict: 
 
 def save_state_dict_atomic(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`raydn.io.atomic_path` (temporary file beside it, then ``os.replace``)."""
-    from raydn.io import atomic_torch_save
     atomic_torch_save(dict(sd), path)
 
 
@@ -253,7 +255,6 @@ def preset_shapes(preset: str) -> dict[str, tuple]:
     """``{key: shape}`` of the detector of ``preset``, built on the ``meta`` device (no memory,
     ~1 s for EVA02-L); cached."""
     if preset not in _SHAPES_CACHE:
-        from raydn.presets import build_model
         with torch.device("meta"):
             model = build_model(preset)
         _SHAPES_CACHE[preset] = expected_shapes(model)
@@ -296,6 +297,43 @@ def read_model_file(path: str | os.PathLike, trust: bool = False) -> tuple[dict,
     return sd, None
 
 
+def load_detector_weights(model: nn.Module, path: str | os.PathLike, trust: bool = False) -> InitReport:
+    """Load a whole-detector file into ``model`` non-strictly (mmcv ``load_from``; see the module
+    docstring). Returns the :class:`InitReport`; raises :class:`CheckpointError` naming the file
+    when it cannot be read or when none of its tensors fits the model."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--load-from: checkpoint not found: {path}")
+    sd, preset = read_model_file(path, trust=trust)
+    layout = (f"raydn model, preset {preset}" if preset else
+              "RayDN/StreamPETR detector keys (official layout)")
+    own = model.state_dict()
+    report = InitReport(kind=DETECTOR, path=path, layout=layout)
+    to_load = {}
+    for k, v in sd.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif tuple(v.shape) != tuple(own[k].shape):
+            report.skipped.append((k, tuple(own[k].shape), tuple(v.shape)))
+        else:
+            to_load[k] = v
+    if not to_load:
+        hint = (" (its keys are an image backbone's: give it to --pretrained)"
+                if any(k.startswith(("backbone.", "conv1.", "features.")) for k in sd) else "")
+        raise CheckpointError(f"{path}: none of its {len(sd)} tensors fits the {type(model).__name__} "
+                              f"(first keys: {', '.join(list(sd)[:4])}){hint}")
+    # tied copies (the 6 cls / reg branches are one module): the file's copies must agree
+    differing = [k for k in to_load if (p := _tied_parts(k)) and p[1] > 0
+                 and f"{p[0]}0.{p[2]}" in to_load and not to_load[f"{p[0]}0.{p[2]}"].equal(to_load[k])]
+    if differing:
+        report.notes.append(f"{len(differing)} tied branch copies differ from copy 0 in the file "
+                            f"(e.g. {differing[0]}); the model holds one copy: the last one loaded")
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    report.missing = [k for k in own if k not in to_load and k not in {s[0] for s in report.skipped}]
+    return report
+
+
 def resolve_preset(recorded: str | None, requested: str | None, what: str) -> str | None:
     """The preset of a model file: the one it records wins; ``requested`` (``--preset`` /
     ``preset=``) only names the preset of a file that records none. Both given and different is a
@@ -322,7 +360,6 @@ def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bo
     ``options``: :class:`raydn.models.options.RuntimeOptions` of the built model (default the fast
     paths; ``RuntimeOptions.for_export()`` for ONNX export).
     Raises :class:`CheckpointError` (naming the file) when the weights do not fit the model."""
-    from raydn.presets import build_model, get_preset
     sd, recorded = read_model_file(path, trust)
     name = resolve_preset(recorded, preset, str(path)) or detect_preset(sd)
     if name is None:
@@ -333,9 +370,10 @@ def load_model(path: str | os.PathLike, preset: str | None = None, *, strict: bo
     except KeyError as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
     model = build_model(name, options=options)
-    # training-only parameters (Group-DETR query groups, HeadConfig.query_groups): not part of the
-    # inference model, dropped
-    sd = {k: v for k, v in sd.items() if not k.endswith("pts_bbox_head.group_reference_points.weight")}
+    # training-only parameters (Group-DETR query groups, HeadConfig.query_groups; the dense depth
+    # head, ModelConfig.depth): not part of the inference model, dropped
+    sd = {k: v for k, v in sd.items() if not k.endswith("pts_bbox_head.group_reference_points.weight")
+          and not k.startswith("depth_head.")}
     sd, report = convert_official_state_dict(sd, expected=model)
     if strict and not report.ok:
         raise CheckpointError(f"{path}: checkpoint does not match preset {name!r}\n{report.summary()}")

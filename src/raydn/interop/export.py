@@ -6,7 +6,7 @@
   ``feat_0`` .. ``feat_{L-1}`` (B, N, C, H_l, W_l) float32 (the levels the head reads);
 * ``head_step.onnx``: one frame of the head with the temporal memory as explicit inputs and
   outputs (:data:`HEAD_INPUTS` -> :data:`HEAD_OUTPUTS`): features + calibration + pose +
-  timestamp + ``prev_exists`` + the five :class:`~raydn.models.state.TemporalState` tensors in ->
+  timestamp + ``prev_exists`` + the five :class:`~raydn.core.state.TemporalState` tensors in ->
   decoded detections (fixed top-``max_num`` with a ``keep`` mask), the raw last-layer logits and
   boxes, and the next state out;
 * ``raydn_onnx.json``: the model-file metadata (:data:`EXPORT_FORMAT`): preset, input size, mean /
@@ -41,7 +41,6 @@ Contract decisions (documented in the README, "Export and deployment"):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -55,67 +54,34 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from raydn.data.batch import FrameBatch
-from raydn.errors import RaydnError
+from raydn.core.batch import FrameBatch
+from raydn.core.graph_contract import (
+    ENCODER_FILE, EXPORT_FORMAT, HEAD_FILE, HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, PROP_EXPORT_ID,
+    PROP_METADATA, STATE_FIELDS, UNSIGNED_FIELDS, ExportError, file_sha256, head_step_inputs,
+    read_metadata,
+)
+from raydn.core.state import TemporalState
+from raydn.data.synthetic_batch import synthetic_frame_batch
+from raydn.deploy import OnnxDetector
+from raydn.errors import CheckpointError
+from raydn.geometry import CLASS_NAMES
+from raydn.interop.convert import load_model
+from raydn.io import atomic_write_json
 from raydn.models.decode import decode_dense
-from raydn.models.state import TemporalState
+from raydn.models.deformable import deformable_sample_gather
+from raydn.models.deformable_fast import deformable_sample_fused
+from raydn.models.options import RuntimeOptions
+from raydn.models.transformer import DeformableFeatureAggregation
+from raydn.presets import build_model, get_preset
 
 __all__ = ["EXPORT_FORMAT", "ENCODER_FILE", "HEAD_FILE", "META_FILE", "HEAD_INPUTS", "HEAD_OUTPUTS",
            "STATE_FIELDS", "PROP_EXPORT_ID", "PROP_METADATA", "UNSIGNED_FIELDS", "ExportError",
            "EncoderGraph", "HeadStepGraph", "export_onnx", "read_metadata", "file_sha256",
            "head_step_inputs", "ExportReport", "check_parity", "export_model"]
+# The graph contract (names above, from raydn.core.graph_contract) is re-exported: the writer's API.
 
-#: /2: the metadata carries ``export_id`` and ``sha256``, the graphs ``metadata_props`` (fingerprint).
-EXPORT_FORMAT = "raydn-onnx/2"
-ENCODER_FILE = "encoder.onnx"
-HEAD_FILE = "head_step.onnx"
-META_FILE = "raydn_onnx.json"
+#: ONNX opset of the exported graphs.
 OPSET = 18
-#: ONNX ``metadata_props`` keys of each graph: the export id, and the metadata (JSON) it was exported with.
-PROP_EXPORT_ID = "raydn_export_id"
-PROP_METADATA = "raydn_metadata"
-#: Metadata fields added after the graphs were written (not part of the copy inside them).
-UNSIGNED_FIELDS = ("sha256", "parity")
-
-#: The TemporalState fields in graph order; graph names are ``mem_<field>`` / ``new_mem_<field>``.
-STATE_FIELDS = ("embedding", "reference_point", "timestamp", "egopose", "velo")
-
-#: Head-step inputs after the L feature levels ``feat_0..feat_{L-1}`` (name, meaning).
-HEAD_INPUTS = (
-    ("intrinsics", "(B, N, 4, 4) float32: 4x4 viewpad with the 3x3 K of the network input (pixels)"),
-    ("extrinsics", "(B, N, 4, 4) float32: LiDAR -> camera"),
-    ("lidar2img", "(B, N, 4, 4) float32: LiDAR -> pixel x depth of the network input"),
-    ("ego_pose", "(B, 4, 4) float32: LiDAR -> global (metres)"),
-    ("ego_pose_inv", "(B, 4, 4) float32: global -> LiDAR"),
-    ("timestamp", "(B,) float64: seconds (absolute; the graph subtracts in float64)"),
-    ("prev_exists", "(B,) float32: 1 = continue the slot's sequence, 0 = reset its memory"),
-    ("mem_embedding", "(B, M, C) float32: memory query features"),
-    ("mem_reference_point", "(B, M, 3) float32: memory centres, metres, global frame"),
-    ("mem_timestamp", "(B, M, 1) float64: -t_insert, seconds"),
-    ("mem_egopose", "(B, M, 4, 4) float32: insertion LiDAR frame -> global"),
-    ("mem_velo", "(B, M, 2) float32: m/s, predicted at insertion"),
-)
-
-#: Head-step outputs (name, meaning); k = min(max_num, (Q + P) * classes).
-HEAD_OUTPUTS = (
-    ("boxes", "(B, k, 9) float32: [x, y, z_center, l, w, h, yaw, vx, vy], LiDAR frame, metres/rad/m/s"),
-    ("scores", "(B, k) float32: sigmoid scores, descending per sample"),
-    ("labels", "(B, k) int64: class index (class_names)"),
-    ("keep", "(B, k) bool: centre inside post_center_range (predict() returns the kept rows)"),
-    ("cls_logits", "(B, Q+P, classes) float32: last decoder layer logits"),
-    ("bbox_preds", "(B, Q+P, 10) float32: last layer [x, y, z, log l, log w, log h, sin, cos, vx, vy]"),
-    ("query", "(B, k) int64: the query (row of cls_logits) each decoded row came from"),
-    ("memory_index", "(B, K) int64: the queries written into the new memory's first K rows"),
-    ("new_mem_embedding", "(B, M, C) float32"),
-    ("new_mem_reference_point", "(B, M, 3) float32: global frame"),
-    ("new_mem_timestamp", "(B, M, 1) float64: -t_insert, seconds"),
-    ("new_mem_egopose", "(B, M, 4, 4) float32"),
-    ("new_mem_velo", "(B, M, 2) float32"),
-)
-
-
-class ExportError(RaydnError):
-    """Export failed (missing exporter packages, unsupported model, unreadable export dir)."""
 
 
 # ---------------------------------------------------------------------------------- graph modules
@@ -161,16 +127,6 @@ class HeadStepGraph(nn.Module):
                 *(getattr(new, f) for f in STATE_FIELDS))
 
 
-def head_step_inputs(feats, batch: FrameBatch, state: TemporalState) -> tuple[Tensor, ...]:
-    """The head-step graph's positional inputs (float32, timestamps float64) of one frame."""
-    f32 = torch.float32
-    return (*[f.to(f32) for f in feats], batch.intrinsics.to(f32), batch.extrinsics.to(f32),
-            batch.lidar2img.to(f32), batch.ego_pose.to(f32), batch.ego_pose_inv.to(f32),
-            batch.timestamp.to(torch.float64), batch.prev_exists.to(f32),
-            *(getattr(state, f).to(torch.float64 if f == "timestamp" else f32)
-              for f in STATE_FIELDS))
-
-
 # ---------------------------------------------------------------------------------- export
 @dataclass
 class ExportReport:
@@ -213,7 +169,6 @@ def _spec(name: str, t: Tensor) -> dict:
 
 
 def _example_frame(model: nn.Module, batch_size: int, frame_index: int = 1):
-    from raydn.data.synthetic_batch import synthetic_frame_batch
     return synthetic_frame_batch(batch_size, tuple(model.cfg.image_size), frame_index=frame_index,
                                  prev_exists=[1.0] * batch_size, num_boxes=0, with_targets=False,
                                  seed=0)
@@ -247,15 +202,6 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names, output
         prog.save(str(path))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int = 1,
                 preset: str | None = None, source: str | None = None) -> ExportReport:
     """Export ``model`` (a :class:`~raydn.models.detector.RayDNDetector`, any options: it is
@@ -264,10 +210,6 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
 
     Every file is written to a temporary directory beside ``out_dir`` first and renamed into place
     (metadata last). ``source`` (checkpoint path) is recorded in the metadata."""
-    from raydn.geometry import CLASS_NAMES
-    from raydn.models.deformable import deformable_sample_gather
-    from raydn.models.deformable_fast import deformable_sample_fused
-    from raydn.models.transformer import DeformableFeatureAggregation
     _require_exporter()
     if batch_size < 1:
         raise ExportError(f"batch_size must be >= 1, got {batch_size}")
@@ -347,35 +289,6 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportReport(out_dir=str(out_dir), files=files, metadata=meta)
-
-
-def read_metadata(onnx_dir: str | os.PathLike) -> dict:
-    """The metadata of an export directory; :class:`ExportError` naming what is missing/wrong."""
-    d = Path(onnx_dir)
-    p = d / META_FILE
-    if not d.is_dir():
-        raise ExportError(f"{d}: not a directory (expected a `raydn export` output)")
-    if not p.is_file():
-        raise ExportError(f"{d}: no {META_FILE} (not a complete `raydn export` output)")
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{p}: unreadable metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        hint = " (an older raydn's export: export the model again)" if str(got).startswith("raydn-onnx/") else ""
-        raise ExportError(f"{p}: format {got!r}, expected {EXPORT_FORMAT!r}{hint}")
-    files, sha = meta.get("files"), meta.get("sha256")
-    if (not isinstance(files, dict) or set(files) != {"encoder", "head_step"}
-            or not all(isinstance(v, str) for v in files.values())):
-        raise ExportError(f"{p}: 'files' must map encoder and head_step to file names, got {files!r}")
-    if not isinstance(meta.get("export_id"), str) or not isinstance(sha, dict) or set(sha) != set(files):
-        raise ExportError(f"{p}: no graph fingerprint ('export_id' and 'sha256' of encoder and "
-                          f"head_step): not written by `raydn export`, export the model again")
-    for role, name in files.items():
-        if not (d / name).is_file():
-            raise ExportError(f"{d}: {role} graph {name} is missing")
-    return meta
 
 
 # ---------------------------------------------------------------------------------- parity
@@ -463,8 +376,6 @@ def check_parity(reference: nn.Module, onnx_dir: str | os.PathLike, *,
     "failed", "ok"}``."""
     import copy
 
-    from raydn.data.synthetic_batch import synthetic_frame_batch
-    from raydn.deploy import OnnxDetector
     det = OnnxDetector(onnx_dir, threads=threads)
     reference = reference.eval()
     head64 = copy.deepcopy(reference.pts_bbox_head).double()
@@ -525,9 +436,6 @@ def export_model(out_dir: str | os.PathLike, *, checkpoint: str | None = None,
     figures are added to the metadata (rewritten atomically). Raises :class:`CheckpointError` /
     :class:`ExportError` with a clear message; a failed parity check raises :class:`ExportError`
     after the files are written (they stay for inspection)."""
-    from raydn.errors import CheckpointError
-    from raydn.models.options import RuntimeOptions
-    from raydn.presets import build_model, get_preset
     if checkpoint is None and preset is None:
         raise ExportError("give a checkpoint (--checkpoint) or a preset (--preset) to export")
     if preset is not None:
@@ -536,7 +444,6 @@ def export_model(out_dir: str | os.PathLike, *, checkpoint: str | None = None,
         except KeyError as e:
             raise ExportError(e.args[0]) from None
     if checkpoint is not None:
-        from raydn.interop.convert import load_model
         if not os.path.isfile(checkpoint):
             raise CheckpointError(f"{checkpoint}: no such checkpoint file")
         model = load_model(checkpoint, preset, trust=trust, options=RuntimeOptions.for_export())
@@ -551,7 +458,6 @@ def export_model(out_dir: str | os.PathLike, *, checkpoint: str | None = None,
         reference.load_state_dict(model.state_dict())
         report.parity = check_parity(reference, out_dir, tolerance=tolerance)
         meta = dict(report.metadata, parity=report.parity)
-        from raydn.io import atomic_write_json
         atomic_write_json(Path(out_dir) / META_FILE, meta, indent=1)
         report.metadata = meta
         if not report.parity["ok"]:

@@ -6,30 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dataclasses import dataclass
-
+from raydn.core.outputs import Selection
 from raydn.geometry import POST_CENTER_RANGE, denormalize_bbox
 
-
-@dataclass(frozen=True)
-class Selection:
-    """The queries one frame of the head selected, as indices into its Q + P non-denoising
-    queries (learnable queries first, then the P propagated memory rows): the single record of
-    both selections, which the query ids and the ``memory`` tracker follow
-    (:mod:`raydn.engine.tracking`).
-
-    ``decode_index``: one (k_b,) int64 tensor per sample, the query of every decoded detection
-    (the ``query`` entry of :func:`decode_single`'s dict, same order as the detections);
-    ``memory_index``: (B, K) int64, the queries written into the memory, in the order of the new
-    state's first K rows (:func:`raydn.models.temporal.post_update_selected`)."""
-    decode_index: tuple
-    memory_index: Tensor
-
-    @classmethod
-    def of(cls, detections: list[dict], memory_index: Tensor) -> "Selection":
-        """From :func:`decode`'s per-sample dicts and the head's ``memory_index`` output."""
-        return cls(tuple(d["query"].detach().cpu().long() for d in detections),
-                   memory_index.detach().cpu().long())
+__all__ = ["Selection", "decode_dense", "bev_nms_keep", "decode_single", "apply_bev_nms", "decode",
+           "to_bottom_center", "decode_bottom"]
 
 
 def decode_dense(cls_scores: Tensor, bbox_preds: Tensor, max_num: int = 300,

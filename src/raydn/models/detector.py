@@ -20,14 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from raydn.config import ModelConfig
-from raydn.data.batch import FrameBatch
+from raydn.core.batch import FrameBatch
 from raydn.models.options import RuntimeOptions
-from raydn.models.state import TemporalState
+from raydn.core.state import TemporalState
 
 
 class RayDNDetector(nn.Module):
     """``options``: the speed/backend choices (:class:`raydn.models.options.RuntimeOptions`; default:
-    the library's fast paths), fixed at construction and kept as :attr:`options`."""
+    the library's fast paths), fixed at construction and kept as :attr:`options` (the encoder's
+    autocast dtype among them). Nothing is set on a built detector from outside: a training loop
+    that caches the frozen stem passes the cached maps to :meth:`forward` / :meth:`forward_train`
+    (``stem=``)."""
 
     def __init__(self, cfg: ModelConfig, options: RuntimeOptions | None = None):
         super().__init__()
@@ -52,14 +55,24 @@ class RayDNDetector(nn.Module):
         else:
             self.grid_mask = None
         self.criterion = RayDNCriterion(cfg.head)
-        #: autocast dtype for backbone + neck in training (official: fp16 only there); None = fp32
-        self.encoder_autocast: torch.dtype | None = self.options.encoder_autocast
+        # dense depth supervision (not official, training only): built last, so the other modules'
+        # initial weights are the same with and without it
+        if cfg.depth.enabled:
+            from raydn.models.depth_head import DenseDepthHead
+            encoder = self.img_neck if self.img_neck is not None else self.img_backbone
+            self.depth_head = DenseDepthHead(cfg.depth, encoder.out_channels[-1], cfg.head.num_levels)
+        else:
+            self.depth_head = None
         #: run backbone + neck (+ aux head) in the channels-last layout (``options.channels_last``)
         self.channels_last = False
         self._apply_options()
         self.preset: str | None = None
-        #: training-time cache of the frozen stem (raydn.models.stem_cache.StemCache), or None
-        self.stem_cache = None
+
+    @property
+    def encoder_autocast(self) -> torch.dtype | None:
+        """Autocast dtype of backbone + neck in training (official: fp16 only there), None = fp32:
+        ``options.encoder_autocast``, fixed at construction."""
+        return self.options.encoder_autocast
 
     def _apply_options(self) -> None:
         """Put :attr:`options` into the built modules (BN folding, memory layout, attention path)."""
@@ -139,32 +152,41 @@ class RayDNDetector(nn.Module):
 
     # ------------------------------------------------------------------ passes
     def forward(self, batch: FrameBatch, state: TemporalState | None = None,
-                feats: list[Tensor] | None = None) -> tuple[dict, TemporalState, list[Tensor]]:
-        """Head outputs for one frame per slot. Returns ``(outputs, new_state, feats)``."""
+                feats: list[Tensor] | None = None, stem: tuple[Tensor, ...] | None = None
+                ) -> tuple[dict, TemporalState, list[Tensor]]:
+        """Head outputs for one frame per slot. Returns ``(outputs, new_state, feats)``.
+        The image features come from ``feats`` (precomputed levels), else from ``stem`` (cached
+        frozen-stem maps of the batch's frames, :meth:`extract_feats`), else from ``batch.images``."""
         if feats is None:
-            if batch.images is None and self.stem_cache is not None:
-                tokens = [m["sample_token"] for m in batch.meta]
-                stem = self.stem_cache.lookup(tokens, device=batch.lidar2img.device)
-                feats = self.extract_feats(None, stem=stem, batch_size=len(tokens))
+            B = batch.lidar2img.shape[0]
+            if stem is not None:
+                feats = self.extract_feats(None, stem=stem, batch_size=B)
             elif batch.images is None:
-                raise ValueError("RayDNDetector: the FrameBatch has no images (and no stem cache is set)")
+                raise ValueError("RayDNDetector: the FrameBatch has no images (and no stem maps were given)")
             else:
                 feats = self.extract_feats(batch.images)
         outputs, state = self.pts_bbox_head(feats, batch, state)
         return outputs, state, feats
 
-    def forward_train(self, batch: FrameBatch, state: TemporalState | None = None
-                      ) -> tuple[dict[str, Tensor], TemporalState]:
+    def forward_train(self, batch: FrameBatch, state: TemporalState | None = None,
+                      stem: tuple[Tensor, ...] | None = None) -> tuple[dict[str, Tensor], TemporalState]:
         """Losses of one training frame per slot (official names, 24 head + 5 auxiliary terms).
-        The total loss is the plain sum of the values (``sum(losses.values())``)."""
+        The total loss is the plain sum of the values (``sum(losses.values())``). ``stem``: cached
+        frozen-stem maps of the batch's frames instead of its images (see :meth:`forward`)."""
         if not batch.has_targets:
             raise ValueError("forward_train needs a FrameBatch with gt_boxes/gt_labels")
-        outputs, state, feats = self.forward(batch, state)
+        outputs, state, feats = self.forward(batch, state, stem=stem)
         losses = dict(self.criterion(outputs, batch.gt_boxes, batch.gt_labels))
         if self.img_roi_head is not None and batch.gt_boxes_2d is not None:
             aux_out = self.img_roi_head(feats)
             losses.update(self.img_roi_head.loss(aux_out, batch.gt_boxes_2d, batch.gt_labels_2d,
                                                  batch.centers_2d, batch.depths_2d))
+        if self.depth_head is not None:
+            if batch.points is None:
+                raise ValueError("forward_train: depth supervision is on (ModelConfig.depth.enabled) but "
+                                 "the FrameBatch carries no LiDAR points (build the dataset with load_points=True)")
+            losses["loss_depth"] = self.depth_head.loss_from_points(
+                feats, batch.points, batch.lidar2img, batch.intrinsics, batch.pad_shape)
         return losses, state.detach()
 
     @torch.no_grad()
@@ -177,17 +199,17 @@ class RayDNDetector(nn.Module):
         eval mode. ``nms=False`` skips the preset's BEV
         NMS (``HeadConfig.nms_radius``; the official presets have none). A batch with another
         camera count than the model's or with NaN/inf images, calibration or poses raises
-        ``DataError`` before the memory is touched (``raydn.data.validate.check_frame_batch``):
+        ``DataError`` before the memory is touched (``raydn.core.batch.check_frame_batch``):
         ``state`` stays as it was."""
         from dataclasses import replace
 
-        from raydn.data.validate import check_frame_batch
+        from raydn.core.batch import check_frame_batch
         from raydn.models.decode import decode
         check_frame_batch(batch, self.cfg.head.num_cams)
         outputs, state, _ = self.forward(batch, state)
         head = self.cfg.head if nms or self.cfg.head.nms_radius is None else replace(self.cfg.head, nms_radius=None)
         dets = decode(outputs, head)
         if with_selection:
-            from raydn.models.decode import Selection
+            from raydn.core.outputs import Selection
             return dets, state, Selection.of(dets, outputs["memory_index"])
         return dets, state

@@ -15,18 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from raydn.config import HeadConfig
-from raydn.data.batch import FrameBatch
+from raydn.core.batch import FrameBatch
 from raydn.geometry import (
     denormalize_points, inverse_sigmoid, normalize_points, pos2posemb1d, pos2posemb3d,
 )
 from raydn.models.layers import (
     MLN, bias_init_with_prob, build_cls_branch, build_reg_branch, tied_module_list,
 )
-from raydn.models.state import TemporalState
+from raydn.core.state import TemporalState
 from raydn.models.temporal import (
     Memory, current_motion, memory_motion, post_update_selected, pre_update, propagate,
 )
 from raydn.models.transformer import build_transformer
+from raydn.models.denoising import build_denoising_queries
 
 
 class RayDNHead(nn.Module):
@@ -167,7 +168,6 @@ class RayDNHead(nn.Module):
             return None
         if sum(int(b.shape[0]) for b in batch.gt_boxes) == 0:
             return None
-        from raydn.models.denoising import build_denoising_queries  # written concurrently
         dev = self.reference_points.weight.device
         return build_denoising_queries(
             [b.to(dev) for b in batch.gt_boxes], [l.to(dev) for l in batch.gt_labels],

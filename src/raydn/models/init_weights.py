@@ -8,9 +8,9 @@ Two ways, as the official mmcv/mmdet code has them:
   refuses a tensor of another shape (a wrong file); :func:`backbone_init_report` turns its report
   into an :class:`InitReport` in detector key names.
 * **detector** (``raydn train --load-from``, mmcv ``load_from`` = ``load_checkpoint(strict=False)``):
-  :func:`load_detector_weights`. Keys of an official checkpoint are mapped with
-  :func:`raydn.interop.convert.read_model_file` (raydn model files and training checkpoints are read
-  too). A tensor whose shape differs from the model's is **skipped** and listed with both shapes,
+  :func:`raydn.interop.convert.load_detector_weights` (next to the checkpoint formats it reads: an
+  official checkpoint's keys are mapped with :func:`raydn.interop.convert.read_model_file`; raydn
+  model files and training checkpoints are read too). A tensor whose shape differs from the model's is **skipped** and listed with both shapes,
   every other matching tensor is loaded; model keys the file lacks keep their initialisation
   (``missing``) and file keys the model lacks are listed (``unexpected``). A file of which no tensor
   fits is an error (mmcv would only warn).
@@ -23,9 +23,6 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
-
-from raydn.errors import CheckpointError
 from raydn.models.backbones.pretrained import LoadReport, count_by_prefix
 
 #: ``kind`` of an :class:`InitReport`
@@ -110,43 +107,4 @@ def backbone_init_report(rep: LoadReport, prefix: str = "img_backbone.") -> Init
                       unexpected=[rep.prefix + k for k in rep.unexpected], ignored=list(rep.ignored))
 
 
-def load_detector_weights(model: nn.Module, path: str | os.PathLike, trust: bool = False) -> InitReport:
-    """Load a whole-detector file into ``model`` non-strictly (mmcv ``load_from``; see the module
-    docstring). Returns the :class:`InitReport`; raises :class:`CheckpointError` naming the file
-    when it cannot be read or when none of its tensors fits the model."""
-    from raydn.interop.convert import _tied_parts, read_model_file
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--load-from: checkpoint not found: {path}")
-    sd, preset = read_model_file(path, trust=trust)
-    layout = (f"raydn model, preset {preset}" if preset else
-              "RayDN/StreamPETR detector keys (official layout)")
-    own = model.state_dict()
-    report = InitReport(kind=DETECTOR, path=path, layout=layout)
-    to_load = {}
-    for k, v in sd.items():
-        if k not in own:
-            report.unexpected.append(k)
-        elif tuple(v.shape) != tuple(own[k].shape):
-            report.skipped.append((k, tuple(own[k].shape), tuple(v.shape)))
-        else:
-            to_load[k] = v
-    if not to_load:
-        hint = (" (its keys are an image backbone's: give it to --pretrained)"
-                if any(k.startswith(("backbone.", "conv1.", "features.")) for k in sd) else "")
-        raise CheckpointError(f"{path}: none of its {len(sd)} tensors fits the {type(model).__name__} "
-                              f"(first keys: {', '.join(list(sd)[:4])}){hint}")
-    # tied copies (the 6 cls / reg branches are one module): the file's copies must agree
-    differing = [k for k in to_load if (p := _tied_parts(k)) and p[1] > 0
-                 and f"{p[0]}0.{p[2]}" in to_load and not to_load[f"{p[0]}0.{p[2]}"].equal(to_load[k])]
-    if differing:
-        report.notes.append(f"{len(differing)} tied branch copies differ from copy 0 in the file "
-                            f"(e.g. {differing[0]}); the model holds one copy: the last one loaded")
-    model.load_state_dict(to_load, strict=False)
-    report.loaded = sorted(to_load)
-    report.missing = [k for k in own if k not in to_load and k not in {s[0] for s in report.skipped}]
-    return report
-
-
-__all__ = ["BACKBONE", "DETECTOR", "InitReport", "backbone_init_report", "file_sha256",
-           "load_detector_weights"]
+__all__ = ["BACKBONE", "DETECTOR", "InitReport", "backbone_init_report", "file_sha256"]

@@ -36,7 +36,7 @@ class RuntimeOptions:
             with a hand-written backward, the default), ``"gather"`` (embedding-bag forward,
             autograd backward) or ``"grid_sample"`` (the plain reference, exportable).
         encoder_autocast: autocast dtype of backbone + neck in training (official: fp16 only
-            there), or None for fp32. The trainer may also set ``model.encoder_autocast``.
+            there), or None for fp32 (the trainer builds its model with the run's ``--amp``).
         explicit_cpu_training: CPU training self-attention through the explicit fused-mask path
             with the cheaper dropout (``PackedMultiheadAttention.explicit_cpu_training``).
     """

@@ -12,7 +12,7 @@ One frame of the head uses the memory in three steps:
    propagated rows moved from the self-attention keys into the queries);
 3. :func:`post_update` (official ``post_update_memory``): the top-K queries of the last decoder layer
    are prepended (detached) and everything is moved back into the global frame -> the next
-   :class:`TemporalState` (always M rows: static shapes, see :mod:`raydn.models.state`).
+   :class:`TemporalState` (always M rows: static shapes, see :mod:`raydn.core.state`).
 
 No module parameters here: the functions take tensors and ints, so the head, an export wrapper or a
 test can call them directly. Timestamps stay float64 throughout (seconds; absolute nuScenes times
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from raydn.geometry import fp32_geometry, nerf_positional_encoding
-from raydn.models.state import TemporalState
+from raydn.core.state import TemporalState
 
 __all__ = ["Memory", "transform_homogeneous", "pre_update", "post_update", "post_update_selected",
            "memory_motion", "current_motion", "propagate"]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES, box_corners
+from raydn.io import atomic_path
 
 #: one RGB colour per class (CLASS_NAMES order)
 CLASS_COLORS = (
@@ -203,7 +204,6 @@ def render_frame(images: np.ndarray, lidar2img: torch.Tensor, pred: dict | None,
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    from raydn.io import atomic_path
     with atomic_path(path) as tmp:
         image.save(tmp)
     return Path(path)
@@ -227,7 +227,6 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from raydn.io import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)

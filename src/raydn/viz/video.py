@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from raydn.errors import RaydnError
+from raydn.io import atomic_path
 
 __all__ = ["VideoWriter", "count_video_frames", "require_video_support"]
 
@@ -63,7 +64,6 @@ class VideoWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> "VideoWriter":
-        from raydn.io import atomic_path  # temporary file beside the video, renamed when complete
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         return self

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raydn.core.frames import pose_matrix
 from raydn.data import nuscenes_calib as calib
 from raydn.data.synth.render import CameraView, build_primitives, render_camera
 from raydn.data.synth.world import KEYFRAME_DT, simulate_scene
@@ -35,6 +36,7 @@ __all__ = ["generate_world", "scene_names", "render_instance_masks", "simulate_s
 
 _VERSIONS = {"mini": "v1.0-mini", "trainval": "v1.0-trainval"}
 from raydn.data.prepare import NAME_MAPPING as _NAME_TO_CLASS  # noqa: E402  (mmdet3d NameMapping)
+from raydn.data.synth.world import get_profile
 
 
 def scene_names(n_scenes: int, split: str = "mini") -> list[str]:
@@ -74,7 +76,6 @@ def generate_world(out_dir, scenes: int = 10, seed: int = 0, split: str = "mini"
     ``quality``; ``workers`` processes render keyframes in parallel (results do not depend on it).
     ``profile`` chooses the layout (:data:`raydn.data.synth.world.PROFILES`): ``realistic``
     (nuScenes-like, objects up to ~60 m) or ``demo`` (slow ego, objects within ~35 m)."""
-    from raydn.data.synth.world import get_profile
     try:
         profile = get_profile(profile).name
     except ValueError as e:
@@ -200,7 +201,7 @@ def render_instance_masks(dataroot, sample_token: str, version: str | None = Non
         sd = tabs["sample_data"][tabs["_sd_by_sample"][sample_token][cam]]
         cs = tabs["calibrated_sensor"][sd["calibrated_sensor_token"]]
         ep = tabs["ego_pose"][sd["ego_pose_token"]]
-        c2g = calib.pose_matrix(ep["translation"], ep["rotation"]) @ calib.pose_matrix(cs["translation"], cs["rotation"])
+        c2g = pose_matrix(ep["rotation"], ep["translation"]) @ pose_matrix(cs["rotation"], cs["translation"])
         K = np.asarray(intrinsics[c] if intrinsics is not None else cs["camera_intrinsic"], dtype=np.float64)
         dt = sd["timestamp"] * 1e-6 - t0 if at_camera_time else 0.0
         prims = build_primitives(centers + vel * dt, yaw, wlh, np.array(cls), np.array(rider))

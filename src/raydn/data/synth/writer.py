@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from raydn.core.frames import quat_from_yaw
 from raydn.data import nuscenes_calib as calib
 from raydn.data.synth.render import CameraView, build_primitives, lidar_scan, render_camera
 from raydn.data.synth.world import (KIND_STOPPED, SceneSim, make_token, simulate_scene)
@@ -149,8 +150,13 @@ def attribute_name(sim: SceneSim, i: int) -> str | None:
     return "vehicle.stopped" if o.kind[i] == KIND_STOPPED else "vehicle.parked"
 
 
+def _yaw_quat(yaw: float) -> list[float]:
+    """Rotation about +z by ``yaw`` radians as a JSON ``[w, x, y, z]`` list (no negative zeros)."""
+    return (quat_from_yaw(yaw) + 0.0).tolist()
+
+
 def _pose_rec(token, ts, xy, yaw):
-    return dict(token=token, timestamp=int(ts), rotation=calib.yaw_to_quat(yaw),
+    return dict(token=token, timestamp=int(ts), rotation=_yaw_quat(yaw),
                 translation=[float(xy[0]), float(xy[1]), 0.0])
 
 
@@ -228,7 +234,7 @@ def build_tables(seed: int, sims: list[SceneSim], records: list[list[dict]]) -> 
                     visibility_token=visibility_token(rec["visible_px"][i], rec["unoccluded_px"][i]),
                     attribute_tokens=[attr_tok[attrs[i]]] if attrs[i] else [],
                     translation=[float(v) for v in centers[i]], size=[float(v) for v in o.wlh[i]],
-                    rotation=calib.yaw_to_quat(float(o.yaw[i])),
+                    rotation=_yaw_quat(float(o.yaw[i])),
                     prev=make_token(seed, s_idx, "sample_annotation", i, k - 1) if k else "",
                     next=make_token(seed, s_idx, "sample_annotation", i, k + 1) if k < n - 1 else "",
                     num_lidar_pts=int(rec["num_lidar_pts"][i]), num_radar_pts=int(rec["num_radar_pts"][i])))

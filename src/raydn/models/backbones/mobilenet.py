@@ -24,6 +24,7 @@ from torch import nn
 from raydn.models.backbones.pretrained import LoadReport, load_backbone_weights
 from raydn.models.backbones.resnet import conv_bn
 from raydn.models.backbones.tiny import top_down_fpn
+from raydn.errors import CheckpointError
 
 #: torchvision's ImageNet normalisation, on the 0..255 scale, RGB order.
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
@@ -205,7 +206,6 @@ def find_imagenet_weights() -> str | None:
 def resolve_pretrained(source: str, backbone: str) -> str:
     """The weight file behind ``BackboneConfig.pretrained``: ``'imagenet'`` -> the installed
     MobileNetV2 file (``CheckpointError`` naming the pip line when absent); a path is returned as is."""
-    from raydn.errors import CheckpointError
     if source != "imagenet":
         return source
     if backbone != "mobilenet_v2":

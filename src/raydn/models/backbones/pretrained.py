@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from raydn.errors import CheckpointError
+from raydn.safe_load import load_weights_only
 
 DEFAULT_PREFIXES = ("img_backbone.", "backbone.")
 # keys that never belong to our backbones (torchvision classifier head)
@@ -63,7 +64,6 @@ def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict:
     """Read a checkpoint safely (``weights_only=True``; ``trust=True``: full unpickling, for files
     you trust) and return its flat tensor state dict (non-tensor entries such as mmdet's ``meta``
     are outside the ``state_dict`` wrapper)."""
-    from raydn.safe_load import load_weights_only
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"pretrained checkpoint not found: {path}")
