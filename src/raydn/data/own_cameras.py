@@ -65,7 +65,7 @@ from raydn.errors import DataError
 from raydn.data.images import load_image, resolve_image_path
 from raydn.geometry import CAMERA_NAMES
 from raydn.io import atomic_write_bytes
-from raydn.limits import MAX_CALIBRATION_FILE_BYTES, check_file_size
+from raydn import limits  # the limit is read at each call (a module setting tests lower)
 
 __all__ = ["CalibrationError", "CameraCalib", "RigFrame", "CameraRig", "load_camera_rig",
            "CameraRigFrames", "rig_dict_from_infos", "write_rig_file", "check_timestamp_unit",
@@ -226,7 +226,7 @@ def _yaml_loader(src: str):
 
 
 def _read_mapping(path: Path) -> dict:
-    check_file_size(path, MAX_CALIBRATION_FILE_BYTES, "calibration file", CalibrationError)
+    limits.check_file_size(path, limits.MAX_CALIBRATION_FILE_BYTES, "calibration file", CalibrationError)
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -32,7 +32,7 @@ import numpy as np
 
 from raydn.errors import DataError
 from raydn.eval.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
-from raydn.limits import check_file_size, MAX_SUBMISSION_FILE_BYTES
+from raydn import limits  # the limit is read at each call (a module setting tests lower)
 
 MAX_BOXES_PER_SAMPLE = 500
 _VECTORS = (("translation", 3, False), ("size", 3, False), ("rotation", 4, False), ("velocity", 2, True))
@@ -121,7 +121,7 @@ def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} file not found")
-    check_file_size(path, MAX_SUBMISSION_FILE_BYTES, "submission file")
+    limits.check_file_size(path, limits.MAX_SUBMISSION_FILE_BYTES, "submission file")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
