@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raydn.engine.tracking import TRACKERS
+from raydn.errors import RaydnError
+
 #: ``--device`` values besides a torch device string
 AUTO_DEVICE = "auto"
 
@@ -78,7 +81,6 @@ def resolve_device(spec: str | None) -> str:
     exist. Raises :class:`raydn.errors.RaydnError` with a one-line message otherwise."""
     import torch
 
-    from raydn.errors import RaydnError
     if spec is None or spec == AUTO_DEVICE:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -111,7 +113,6 @@ def add_progress_argument(parser) -> argparse.Action:
 def add_tracker_arguments(p, *, default_birth: float = 0.0) -> None:
     """``--tracker memory|velocity`` and its thresholds (:mod:`raydn.engine.tracking`), the same
     wherever tracks are produced (``raydn infer``, ``raydn eval --tracking``)."""
-    from raydn.engine.tracking import TRACKERS
     p.add_argument("--tracker", choices=TRACKERS, default=TRACKERS[0],
                    help="track ids: 'memory' (a track is a memory query of the model; default) or "
                         "'velocity' (CenterPoint's greedy tracker by predicted position)")

@@ -1,11 +1,15 @@
 """``raydn prepare``: build the official info pickles from a nuScenes dataroot."""
 from __future__ import annotations
 
+from raydn.commands._args import add_progress_argument
+
+# Engine imports are inside run(): `raydn --help` builds every command's parser, and hoisting them
+# costs ~0.4 s there (measured: build_parser 1.21 s -> 1.65 s, min of 6 runs).
+
 HELP = "build nuscenes2d_temporal_infos_{train,val}.pkl (official format) from a nuScenes dataroot"
 
 
 def add_arguments(parser) -> None:
-    from raydn.commands._args import add_progress_argument
     parser.add_argument("--dataroot", required=True, metavar="DIR", help="nuScenes dataroot (real or from `raydn synth`)")
     parser.add_argument("--version", default="v1.0-trainval", choices=("v1.0-mini", "v1.0-trainval", "v1.0-test"),
                         help="nuScenes version folder of the dataroot")

@@ -51,7 +51,7 @@ INFO_PREFIX = "nuscenes2d"
 
 
 def _quat_matrix(q) -> np.ndarray:
-    from pyquaternion import Quaternion
+    from pyquaternion import Quaternion  # optional: raydn[nuscenes]
     return Quaternion(q).rotation_matrix
 
 
@@ -125,7 +125,7 @@ def _sensor2lidar(nusc, sd_token, l2e_t, l2e_r_mat, e2g_t, e2g_r_mat, sensor_typ
 
 def _post_process_coords(corner_coords, imsize=(1600, 900)):
     """Convex hull of the projected corners intersected with the image canvas -> xyxy or None."""
-    from shapely.geometry import MultiPoint, box
+    from shapely.geometry import MultiPoint, box  # optional: raydn[nuscenes] (a nuscenes-devkit dependency)
     hull = MultiPoint(corner_coords).convex_hull
     canvas = box(0, 0, imsize[0], imsize[1])
     if not hull.intersects(canvas):
@@ -138,8 +138,8 @@ def _post_process_coords(corner_coords, imsize=(1600, 900)):
 def _cam_2d_labels(nusc, cam_sd_token: str, width: int, height: int):
     """Official ``get_2d_boxes(..., visibilities=['', '1', '2', '3', '4'], mono3d=True)`` plus the
     filtering of ``_fill_trainval_infos``. Returns the per-camera arrays."""
-    from nuscenes.utils.geometry_utils import view_points
-    from pyquaternion import Quaternion
+    from nuscenes.utils.geometry_utils import view_points  # optional: raydn[nuscenes]
+    from pyquaternion import Quaternion  # optional: raydn[nuscenes]
     sd = nusc.get("sample_data", cam_sd_token)
     s_rec = nusc.get("sample", sd["sample_token"])
     cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
@@ -267,7 +267,7 @@ def build_info(nusc, sample: dict, root: str, test: bool, frame_idx: int, max_sw
 
 
 def _split_scenes(nusc, version: str):
-    from nuscenes.utils import splits
+    from nuscenes.utils import splits  # optional: raydn[nuscenes]
     if version == "v1.0-trainval":
         train, val = splits.train, splits.val
     elif version == "v1.0-test":
@@ -328,7 +328,7 @@ def _prepare_locked(root: str, vdir: Path, version: str, out: Path, progress: bo
     if not todo:
         return paths
     try:
-        from nuscenes.nuscenes import NuScenes
+        from nuscenes.nuscenes import NuScenes  # optional: raydn[nuscenes]
     except ImportError as e:  # pragma: no cover
         raise DataError("raydn prepare needs nuscenes-devkit (pip install 'raydn[nuscenes]')") from e
     try:

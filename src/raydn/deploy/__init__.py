@@ -32,7 +32,7 @@ __all__ = ["OnnxDetector"]
 
 def _ort():
     try:
-        import onnxruntime
+        import onnxruntime  # optional: raydn[deploy]
     except ImportError:
         raise ExportError("the onnxruntime back end needs the package onnxruntime: "
                           "pip install -c constraints.txt -e '.[deploy]'") from None

@@ -17,8 +17,21 @@ from typing import Callable
 
 from raydn.data.dataset import NuScenesStreamingDataset
 from raydn.data.infos import load_info_file
-from raydn.engine.infer import (EvalReport, default_eval_set, evaluate_submission, stream_inference,
-                                write_submission)
+from raydn.engine.infer import (
+    EvalReport,
+    default_eval_set,
+    evaluate_submission,
+    stream_inference,
+    write_submission,
+)
+from raydn.engine.score import refuse_without_ground_truth
+from raydn.engine.tracking import write_tracking_submission
+from raydn.eval.ray_duplicates import format_ray_duplicates, ray_duplicates
+from raydn.eval.tracking import run_tracking_eval
+from raydn.interop.convert import load_model
+from raydn.io import atomic_write_json
+from raydn.models.decode import apply_bev_nms
+from raydn.presets import get_preset
 
 __all__ = ["EvalOptions", "CheckpointEvaluation", "evaluate_checkpoint", "evaluation_dataset"]
 
@@ -90,7 +103,6 @@ def _silent(_line: str) -> None:
 def evaluation_dataset(model, info: dict) -> NuScenesStreamingDataset:
     """The loaded info records ``info`` in scene order under the test transform of ``model``'s
     preset (no augmentation, memory reset at every scene start)."""
-    from raydn.presets import get_preset
     aug = get_preset(model.preset).test_transform() if model.preset else None
     return NuScenesStreamingDataset(info, aug, test_mode=True, validate=False)
 
@@ -103,14 +115,12 @@ def evaluate_checkpoint(checkpoint, infos, out_dir, options: EvalOptions, *, dev
     ``ray_duplicates.json``, ...). Under DDP every rank infers its chunk and rank 0 writes and
     scores: other ranks return None. ``say``: where the progress lines go (None: nowhere).
     A test split (no ground truth) without ``format_only`` is refused before any inference."""
-    from raydn.interop.convert import load_model
     say = say or _silent
     model = load_model(checkpoint, trust=options.trust_checkpoint)
     model = model.to(device if device is not None else "cpu").eval()
     info = load_info_file(infos)
     version = options.version or info.get("metadata", {}).get("version", "v1.0-trainval")
     if not options.format_only:  # the test split has no GT: refuse before inference or any output
-        from raydn.engine.score import refuse_without_ground_truth
         refuse_without_ground_truth(version, options.eval_set, infos)
     dataset = evaluation_dataset(model, info)
     dets, raw, batches = _infer(model, dataset, options, rank=rank, world_size=world_size, say=say)
@@ -146,7 +156,6 @@ def _infer(model, dataset, options: EvalOptions, *, rank: int, world_size: int, 
                                          with_selection=options.tracker == "memory")
         return dets, None, batches
     # NMS-free (the model's own output), then the preset's NMS on top: both are scored
-    from raydn.models.decode import apply_bev_nms
     raw, batches = stream_inference(model, dataset, rank=rank, world_size=world_size,
                                     num_workers=options.num_workers, progress=options.progress,
                                     keep_batches=keep, nms=False)
@@ -155,7 +164,6 @@ def _infer(model, dataset, options: EvalOptions, *, rank: int, world_size: int, 
 
 
 def _write_tracks(dets, dataset, model, out: Path, options: EvalOptions) -> Path:
-    from raydn.engine.tracking import write_tracking_submission
     return write_tracking_submission(dets, dataset.infos, out / "tracking_results_nusc.json",
                                      tracker=options.tracker, head=model.cfg.head,
                                      birth_score=options.birth_score, keep_score=options.keep_score)
@@ -179,13 +187,10 @@ def _score(result: CheckpointEvaluation, out: Path, options: EvalOptions, say) -
             raw_sub, dataroot=options.dataroot, version=result.version, eval_set=options.eval_set,
             out_dir=out / "no_nms", evaluator="fast", plots=False, quiet=True).fast_metrics
     if result.dataset.load_annotations:  # duplicates along camera rays (raydn.eval.ray_duplicates)
-        from raydn.eval.ray_duplicates import format_ray_duplicates, ray_duplicates
-        from raydn.io import atomic_write_json
         scored = result.raw_detections if result.raw_detections is not None else result.detections
         result.ray_duplicates = ray_duplicates(scored, result.dataset.infos)
         say(format_ray_duplicates(result.ray_duplicates))
         atomic_write_json(out / "ray_duplicates.json", result.ray_duplicates, indent=2)
     if result.tracking_submission is not None:
-        from raydn.eval.tracking import run_tracking_eval
         run_tracking_eval(result.tracking_submission, options.dataroot, result.version,
                           options.eval_set or default_eval_set(result.version), out)

@@ -115,7 +115,7 @@ def evaluate_submission(result_path, *, dataroot, version: str, eval_set: str | 
     metrics = fast = None
     nusc = None
     if evaluator in ("devkit", "both", "fast"):
-        from nuscenes import NuScenes
+        from nuscenes import NuScenes  # optional: raydn[nuscenes]
         t = time.time()
         nusc = NuScenes(version=version, dataroot=os.fspath(dataroot), verbose=False)
         seconds["load_tables"] = time.time() - t

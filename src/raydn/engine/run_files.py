@@ -14,14 +14,12 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from raydn import io as raydn_io
 from raydn.engine.distributed import broadcast_int
 from raydn.errors import CheckpointError, FolderBusyError
 from raydn.io import OutputFolder
-
-if TYPE_CHECKING:
-    from raydn.io import OutputFolder
 
 _ITER_RE = re.compile(r"^iter_(\d{7})\.pt$")
 
@@ -39,8 +37,7 @@ def clean_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
     """Remove temporary files left by an interrupted write (``kill -9`` mid-save); returns the removed
     paths. :func:`raydn.io.clean_stale_temp_files` (the one implementation; only the temporary names
     of :mod:`raydn.io` are touched) -- the trainer gets it through :func:`open_run_folder`."""
-    from raydn.io import clean_stale_temp_files as clean
-    return clean(out_dir)
+    return raydn_io.clean_stale_temp_files(out_dir)
 
 
 def open_run_folder(out_dir: str | os.PathLike, is_main: bool = True) -> "OutputFolder | None":

@@ -40,10 +40,24 @@ import torch
 from torch import Tensor
 
 from raydn.core.frames import boxes_to_global
+from raydn.core.outputs import Selection
+from raydn.data.dataset import NuScenesStreamingDataset
 from raydn.data.frames import collate_frames
+from raydn.data.infos import load_info_file
+from raydn.data.prepare import build_info, check_dataroot
+from raydn.deploy import OnnxDetector
 from raydn.engine.tracking import TrackFrame, build_tracker
 from raydn.errors import DataError, RaydnError
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
+from raydn.interop.convert import load_model
+from raydn.io import atomic_path
+from raydn.viz.render import (
+    TrackPaths,
+    denormalize_images,
+    render_frame,
+    save_image_atomic,
+)
+from raydn.viz.video import VideoWriter
 
 __all__ = ["TorchBackend", "OnnxBackend", "open_backend", "frame_record",
            "select_nuscenes_records", "nuscenes_stream", "run_stream", "StreamOptions", "StreamReport",
@@ -84,12 +98,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, onnx_dir):
-        try:
-            from raydn.deploy import OnnxDetector
-        except ImportError as e:
-            raise RaydnError(f"--backend onnxruntime needs raydn.deploy and onnxruntime ({e}); "
-                             "install onnxruntime or use --backend torch") from None
-        self.det = OnnxDetector(onnx_dir)
+        self.det = OnnxDetector(onnx_dir)  # raises ExportError naming onnxruntime when it is missing
         meta = self.det.metadata
         self.num_cams = int(self.det.num_cams)
         self.class_names = tuple(self.det.class_names)
@@ -104,7 +113,6 @@ class OnnxBackend:
     def step(self, batch, state):
         """-> (detections, state, :class:`~raydn.models.decode.Selection` or None: an export
         without the ``query`` / ``memory_index`` outputs)."""
-        from raydn.core.outputs import Selection
         outs, state = self.det.step(batch, state)
         dets = self.det.detections(outs)
         sel = None
@@ -120,7 +128,6 @@ def open_backend(backend: str, *, checkpoint=None, onnx_dir=None, device=None, m
         if model is None:
             if checkpoint is None:
                 raise RaydnError("--backend torch needs --checkpoint")
-            from raydn.interop.convert import load_model
             model = load_model(checkpoint)
         return TorchBackend(model, device)
     if backend == "onnxruntime":
@@ -191,7 +198,6 @@ def select_nuscenes_records(dataroot, *, version: str | None = None, infos=None,
     ``infos``: an info pickle from ``raydn prepare`` (else the records are built from the tables
     in memory, which needs nuscenes-devkit)."""
     version = version or detect_version(dataroot)
-    from raydn.data.prepare import check_dataroot
     vdir = check_dataroot(dataroot, version)
     table = json.loads((vdir / "scene.json").read_text())
     name_of = {s["token"]: s["name"] for s in table}
@@ -206,7 +212,7 @@ def select_nuscenes_records(dataroot, *, version: str | None = None, infos=None,
     else:
         split = split or _default_split(version)
         try:
-            from nuscenes.utils.splits import create_splits_scenes
+            from nuscenes.utils.splits import create_splits_scenes  # optional: raydn[nuscenes]
         except ImportError:
             raise DataError("choosing scenes by split needs nuscenes-devkit (pip install 'raydn[nuscenes]'); "
                             "or pass --scene NAME") from None
@@ -218,7 +224,6 @@ def select_nuscenes_records(dataroot, *, version: str | None = None, infos=None,
             raise DataError(f"{dataroot} ({version}) has none of the scenes of split {split!r}")
     wanted_set = set(wanted)
     if infos is not None:
-        from raydn.data.infos import load_info_file
         records = [r for r in load_info_file(infos)["infos"] if r["scene_token"] in wanted_set]
         if not records:
             raise DataError(f"{infos}: no frames of the chosen scene(s) "
@@ -231,11 +236,10 @@ def select_nuscenes_records(dataroot, *, version: str | None = None, infos=None,
 def _build_records(dataroot, version: str, scene_tokens: Sequence[str]) -> list[dict]:
     """Info records (no annotations) of the given scenes straight from the tables."""
     try:
-        from nuscenes.nuscenes import NuScenes
+        from nuscenes.nuscenes import NuScenes  # optional: raydn[nuscenes]
     except ImportError:
         raise DataError("reading a dataroot without --data needs nuscenes-devkit "
                         "(pip install 'raydn[nuscenes]'); or pass --data INFOS from `raydn prepare`") from None
-    from raydn.data.prepare import build_info
     nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
     records = []
     for st in scene_tokens:  # per scene, per sample: table walks
@@ -250,7 +254,6 @@ def _build_records(dataroot, version: str, scene_tokens: Sequence[str]) -> list[
 
 def nuscenes_stream(records: list[dict], aug, *, data_root=None):
     """The test-mode dataset of ``records`` (time order, memory reset at each scene start)."""
-    from raydn.data.dataset import NuScenesStreamingDataset
     return NuScenesStreamingDataset(records, replace(aug, training=False), data_root=data_root,
                                     test_mode=True, load_annotations=False, validate=True)
 
@@ -460,10 +463,8 @@ class _FrameSink:
     @classmethod
     def open(cls, stack: contextlib.ExitStack, opts: StreamOptions, aug, rig_fps: float | None,
              n_total: int, backend_name: str) -> "_FrameSink":
-        from raydn.io import atomic_path
         paths = None
         if opts.render_dir is not None or opts.video is not None:
-            from raydn.viz.render import TrackPaths
             paths = TrackPaths()
         render_dir = created = None
         if opts.render_dir is not None:
@@ -483,7 +484,6 @@ class _FrameSink:
             tmp = stack.enter_context(atomic_path(opts.out))
             sink.fh = stack.enter_context(open(tmp, "w", encoding="utf-8"))
         if opts.video is not None:
-            from raydn.viz.video import VideoWriter
             sink.vw = stack.enter_context(VideoWriter(opts.video, fps=opts.fps or rig_fps))
         return sink
 
@@ -495,7 +495,6 @@ class _FrameSink:
         if self.render_dir is not None or self.vw is not None:
             pic = _render(batch, det, self.score_thr, self.aug, rec, self.paths, pose)
             if self.render_dir is not None:
-                from raydn.viz.render import save_image_atomic
                 self.pictures.append(save_image_atomic(pic, self.render_dir / f"{n:06d}.png"))
             if self.vw is not None:
                 self.vw.append(np.asarray(pic))
@@ -526,7 +525,6 @@ def _remove_pictures(exc_type, pictures: list[Path], render_dir: Path, created: 
 
 
 def _render(batch, det: dict, score_thr: float, aug, rec: dict, paths=None, pose=None):
-    from raydn.viz.render import denormalize_images, render_frame
     meta = batch.meta[0]
     imgs = denormalize_images(batch.images[0], aug.img_mean, aug.img_std)
     N = imgs.shape[0]

@@ -23,17 +23,40 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydn.engine.checkpoint import (FORMAT, atomic_torch_save, capture_rng_state, restore_rng_state,
-                                     safe_torch_load)
-from raydn import termination
-from raydn.engine import run_files
-from raydn import run_config
-from raydn.engine.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_int,
-                                      cleanup_distributed, peer_lost_error, setup_distributed)
-from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
-from raydn.io import atomic_write_text
+from raydn import run_config, termination
 from raydn.core.state import TemporalState
+from raydn.data.dataset import NuScenesStreamingDataset
+from raydn.data.loader import build_train_loader
+from raydn.data.validate import check_dataset_images
+from raydn.engine import run_files
+from raydn.engine.checkpoint import (
+    FORMAT,
+    atomic_torch_save,
+    capture_rng_state,
+    restore_rng_state,
+    safe_torch_load,
+)
+from raydn.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_int,
+    cleanup_distributed,
+    peer_lost_error,
+    setup_distributed,
+)
+from raydn.engine.initialisation import (
+    apply_initialisation,
+    format_init,
+    init_report_json,
+    plan_initialisation,
+    will_resume,
+)
+from raydn.engine.schedule import Schedule, derive_schedule, lr_factor
+from raydn.errors import CheckpointError, ConfigError, RaydnError
+from raydn.io import atomic_write_json, atomic_write_text
 from raydn.models.options import RuntimeOptions
+from raydn.models.stem_cache import StemCache, stem_cache_blocker
 from raydn.presets import Preset, build_model, get_preset
 
 
@@ -130,8 +153,6 @@ class Trainer:
     def __init__(self, opts: TrainOptions, dist_info: DistInfo | None = None, dry_run: bool = False):
         """``dry_run``: build everything (model, initialisation, data, sampler, optimizer) but create
         no run folder, fill no stem cache and write nothing (:mod:`raydn.engine.dry_run`)."""
-        from raydn.data.dataset import NuScenesStreamingDataset
-        from raydn.engine.initialisation import plan_initialisation, will_resume
 
         self._t_created = time.time()  # the time budget counts set-up (stem cache) too
         self.opts = opts
@@ -154,7 +175,6 @@ class Trainer:
             opts.data, recipe.aug, data_root=opts.dataroot, seq_split_num=recipe.seq_split_num,
             seed=opts.seed, load_points=replace(self.preset.model, **opts.model_overrides).depth.enabled)
         # bad data stops here, before the run folder exists: missing or truncated camera images
-        from raydn.data.validate import check_dataset_images
         check_dataset_images(self.dataset)
         # the run folder: created, locked against a second run (released when this one ends or dies),
         # leftovers of a killed write removed; a failure below leaves no empty folder behind
@@ -166,7 +186,6 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        from raydn.data.loader import build_train_loader
         opts, recipe, world = self.opts, self.preset.train, self.dist.world_size
         self.schedule: Schedule = derive_schedule(
             num_train_frames=len(self.dataset), world_size=world, batch_per_gpu=self.batch_per_gpu,
@@ -217,8 +236,6 @@ class Trainer:
     def _initialise(self, model) -> None:
         """Load the planned initialisation into ``model`` (nothing when resuming); print the report
         and write it to ``init_report.json`` in the run folder (rank 0)."""
-        from raydn.engine.initialisation import (apply_initialisation, format_init, init_report_json,
-                                                 plan_initialisation)
         if self.init_plan.resuming != (self._resume_ckpt is not None):  # 'auto' found nothing usable
             self.init_plan = plan_initialisation(self.preset, self.opts, self._resume_ckpt is not None,
                                                  model.cfg)
@@ -226,7 +243,6 @@ class Trainer:
         if self.dist.is_main and not self.dry_run:  # a dry run prints it in its summary
             print(format_init(self.init_plan, self.init_reports), flush=True)
             if not self.init_plan.resuming:
-                from raydn.io import atomic_write_json
                 atomic_write_json(self.out_dir / "init_report.json",
                                   init_report_json(self.init_plan, self.init_reports), indent=2)
 
@@ -239,7 +255,6 @@ class Trainer:
     def _fill_stem_cache(self):
         """The filled frozen-stem cache (a :class:`~raydn.models.stem_cache.StemCache`) when
         ``opts.stem_cache`` allows one, else None; ``'on'`` and impossible: :class:`RaydnError`."""
-        from raydn.models.stem_cache import StemCache, stem_cache_blocker
         mode = self.opts.stem_cache
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"TrainOptions.stem_cache: expected 'auto', 'on' or 'off', got {mode!r}")
@@ -248,7 +263,6 @@ class Trainer:
         why = stem_cache_blocker(self.model, self.preset.train.aug)
         if why is not None:
             if mode == "on":
-                from raydn.errors import RaydnError
                 raise RaydnError(f"--stem-cache on: preset {self.preset.name} cannot cache its stem: {why}")
             return None
         t = time.time()
@@ -334,18 +348,15 @@ class Trainer:
         diffs = run_config.differences(run_config.load_run_config(text, where), self.run_config,
                                        ignore=run_config.RESUME_IGNORED)
         if diffs:
-            from raydn.errors import ConfigError
             raise ConfigError(run_config.mismatch_message(diffs, where, self.out_dir / "config.yaml"))
 
     def _resume(self, ckpt: dict, path: Path) -> None:
         """Continue exactly where ``ckpt`` stopped (the sampler was already positioned at its
         iteration: the stream and the augmentation draws are functions of the position)."""
         if ckpt.get("format") != FORMAT:
-            from raydn.errors import CheckpointError
             raise CheckpointError(f"{path} is not a raydn training checkpoint (format "
                                   f"{ckpt.get('format')!r}, expected {FORMAT!r})")
         if ckpt["world_size"] != self.dist.world_size:
-            from raydn.errors import CheckpointError
             raise CheckpointError(f"{path} was written by {ckpt['world_size']} process(es); resume "
                                   f"with the same number (got {self.dist.world_size})")
         self.model.load_state_dict(ckpt["model"])
@@ -559,7 +570,7 @@ class _RunLog:
         writer = bar = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: raydn[train]
                 writer = SummaryWriter(str(out_dir / "tb"))
             except Exception:  # tensorboard not installed: plain log only
                 writer = None

@@ -35,9 +35,9 @@ def run_devkit_eval(result_path: str | os.PathLike, dataroot: str | os.PathLike,
     ``meta``).
     """
     try:
-        from nuscenes import NuScenes
-        from nuscenes.eval.common.config import config_factory
-        from nuscenes.eval.detection.evaluate import DetectionEval
+        from nuscenes import NuScenes  # optional: raydn[nuscenes]
+        from nuscenes.eval.common.config import config_factory  # optional: raydn[nuscenes]
+        from nuscenes.eval.detection.evaluate import DetectionEval  # optional: raydn[nuscenes]
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise DataError(f"the official metric needs nuscenes-devkit ({e}); install raydn[nuscenes]") from None
 
@@ -80,7 +80,7 @@ def fast_eval_results_file(result_path: str | os.PathLike, dataroot: str | os.Pa
     Returns a :class:`~raydn.eval.fast_eval.DetectionResult` equal to :func:`run_devkit_eval`'s
     numbers to float rounding."""
     try:
-        from nuscenes import NuScenes
+        from nuscenes import NuScenes  # optional: raydn[nuscenes]
     except ImportError as e:  # pragma: no cover
         raise DataError(f"loading GT from a dataroot needs nuscenes-devkit ({e})") from None
     if nusc is None:

@@ -357,15 +357,37 @@ def greedy_match_groups(gt_key: np.ndarray, gt_xy: np.ndarray, pred_key: np.ndar
     matched = np.full((n_pred, n_t), -1, dtype=np.int64)
     if n_pred == 0 or n_gt == 0:
         return matched
-    max_th = ths.max()
-    gkey = gt_key
-    gorder = np.argsort(gkey, kind="stable")           # GT grouped, original order inside a group
-    gkey_sorted = gkey[gorder]
-    pkey = pred_key
+    pair_p, pair_g, pair_d = _candidate_pairs(gt_key, gt_xy, pred_key, pred_xy, ths.max(), chunk_pairs)
+    if pair_p.shape[0] == 0:
+        return matched
+    cand, dtab, gtab = _candidate_tables(pair_p, pair_g, pair_d, n_gt)
+    by_round, bounds = _rounds(pred_key[cand], order, cand, n_pred)
 
-    # Candidate (pred, gt) pairs closer than the largest threshold, in chunks of predictions.
-    lo = np.searchsorted(gkey_sorted, pkey, side="left")
-    cnt = np.searchsorted(gkey_sorted, pkey, side="right") - lo
+    taken = np.zeros((n_gt + 1, n_t), dtype=bool)
+    t_idx = np.broadcast_to(np.arange(n_t), (1, n_t))
+    for r in range(bounds.shape[0] - 1):
+        rows = by_round[bounds[r]:bounds[r + 1]]
+        g = gtab[rows]                                                   # (n, K)
+        d = np.where(taken[g], np.inf, dtab[rows][:, :, None])            # (n, K, T)
+        j = d.argmin(axis=1)                                              # first minimum
+        dmin = np.take_along_axis(d, j[:, None, :], axis=1)[:, 0, :]
+        ok = dmin < ths
+        gsel = np.take_along_axis(g, j, axis=1)
+        tt = np.broadcast_to(t_idx, ok.shape)
+        taken[gsel[ok], tt[ok]] = True
+        matched[cand[rows]] = np.where(ok, gsel, -1)
+    return matched
+
+
+def _candidate_pairs(gt_key: np.ndarray, gt_xy: np.ndarray, pred_key: np.ndarray, pred_xy: np.ndarray,
+                     max_th: float, chunk_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 1 of :func:`greedy_match_groups`: the (pred, gt) pairs of one group whose BEV distance is
+    below ``max_th`` metres, built in chunks of about ``chunk_pairs`` pairs. Returns ``(pair_p,
+    pair_g, pair_d)`` (P,) each: prediction index, GT index, distance; pred-major, GT in input order."""
+    gorder = np.argsort(gt_key, kind="stable")          # GT grouped, original order inside a group
+    gkey_sorted = gt_key[gorder]
+    lo = np.searchsorted(gkey_sorted, pred_key, side="left")
+    cnt = np.searchsorted(gkey_sorted, pred_key, side="right") - lo
     has = np.nonzero(cnt)[0]
     csum = np.cumsum(cnt[has])
     cp, cg, cd = [], [], []
@@ -383,25 +405,34 @@ def greedy_match_groups(gt_key: np.ndarray, gt_xy: np.ndarray, pred_key: np.ndar
         close = dist < max_th
         cp.append(q[close]), cg.append(g[close]), cd.append(dist[close])
         start = stop
-    pair_p = np.concatenate(cp) if cp else np.zeros(0, np.int64)
-    if pair_p.shape[0] == 0:
-        return matched
-    pair_g, pair_d = np.concatenate(cg), np.concatenate(cd)
+    if not cp:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(cp), np.concatenate(cg), np.concatenate(cd)
 
-    # Dense (candidate, K) tables; pairs are pred-major with GT in original order.
+
+def _candidate_tables(pair_p: np.ndarray, pair_g: np.ndarray, pair_d: np.ndarray,
+                      n_gt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 2 of :func:`greedy_match_groups`: dense tables of the candidate pairs. Returns ``cand``
+    (C,) the predictions with at least one pair, ``dtab`` (C, K) distances (padding inf) and ``gtab``
+    (C, K) GT indices (padding ``n_gt``, a dummy GT row), K = most pairs of one prediction."""
     cand, first, kcount = np.unique(pair_p, return_index=True, return_counts=True)
     kmax = int(kcount.max())
     slot = np.arange(pair_p.shape[0]) - np.repeat(first, kcount)
     row = np.repeat(np.arange(cand.shape[0]), kcount)
     dtab = np.full((cand.shape[0], kmax), np.inf)
-    gtab = np.full((cand.shape[0], kmax), n_gt, dtype=np.int64)      # padding -> dummy GT row
+    gtab = np.full((cand.shape[0], kmax), n_gt, dtype=np.int64)
     dtab[row, slot] = pair_d
     gtab[row, slot] = pair_g
+    return cand, dtab, gtab
 
-    # Round of each candidate = its rank among the candidates of its (sample, class) group.
+
+def _rounds(ckey: np.ndarray, order: np.ndarray, cand: np.ndarray,
+            n_pred: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 of :func:`greedy_match_groups`: the round of each candidate = its rank (in ``order``)
+    among the candidates of its group ``ckey`` (C,). Returns ``(by_round, bounds)``: candidate rows
+    sorted by round, and the start of each round in it (R + 1,)."""
     rank = np.empty(n_pred, dtype=np.int64)
     rank[np.asarray(order)] = np.arange(n_pred)
-    ckey = pkey[cand]
     o = np.lexsort((rank[cand], ckey))
     ks = ckey[o]
     new_group = np.r_[True, ks[1:] != ks[:-1]]
@@ -410,21 +441,7 @@ def greedy_match_groups(gt_key: np.ndarray, gt_xy: np.ndarray, pred_key: np.ndar
     rnd[o] = np.arange(ks.shape[0]) - gstart
     by_round = np.argsort(rnd, kind="stable")
     bounds = np.searchsorted(rnd[by_round], np.arange(rnd.max() + 2))
-
-    taken = np.zeros((n_gt + 1, n_t), dtype=bool)
-    t_idx = np.broadcast_to(np.arange(n_t), (1, n_t))
-    for r in range(bounds.shape[0] - 1):
-        rows = by_round[bounds[r]:bounds[r + 1]]
-        g = gtab[rows]                                                   # (n, K)
-        d = np.where(taken[g], np.inf, dtab[rows][:, :, None])            # (n, K, T)
-        j = d.argmin(axis=1)                                              # first minimum
-        dmin = np.take_along_axis(d, j[:, None, :], axis=1)[:, 0, :]
-        ok = dmin < ths
-        gsel = np.take_along_axis(g, j, axis=1)
-        tt = np.broadcast_to(t_idx, ok.shape)
-        taken[gsel[ok], tt[ok]] = True
-        matched[cand[rows]] = np.where(ok, gsel, -1)
-    return matched
+    return by_round, bounds
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,9 +90,10 @@ def gt_from_nusc(nusc, eval_set: str) -> tuple[EvalArrays, BikeRacks, dict[str, 
     custom-split loader), as arrays with ``add_center_dist`` ego distances.
 
     Returns (gt, bike racks, ego translation per sample token)."""
-    from nuscenes.eval.common.loaders import get_samples_of_custom_split, load_gt, load_gt_of_sample_tokens
-    from nuscenes.eval.detection.data_classes import DetectionBox
-    from nuscenes.utils.splits import is_predefined_split
+    from nuscenes.eval.common.loaders import (  # optional: raydn[nuscenes]
+        get_samples_of_custom_split, load_gt, load_gt_of_sample_tokens)
+    from nuscenes.eval.detection.data_classes import DetectionBox  # optional: raydn[nuscenes]
+    from nuscenes.utils.splits import is_predefined_split  # optional: raydn[nuscenes]
 
     import contextlib
     import io

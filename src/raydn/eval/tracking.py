@@ -126,10 +126,10 @@ def run_tracking_eval(result_path: str | os.PathLike, dataroot: str | os.PathLik
     devkit's summary dict (``amota``, ``amotp``, ``mota``, ``recall``, ``ids``, ``frag``,
     ``label_metrics``, ...)."""
     try:
-        from nuscenes import NuScenes
-        from nuscenes.eval.common.config import config_factory
-        from nuscenes.eval.tracking.evaluate import TrackingEval
-        from nuscenes.utils.splits import create_splits_scenes
+        from nuscenes import NuScenes  # optional: raydn[nuscenes]
+        from nuscenes.eval.common.config import config_factory  # optional: raydn[nuscenes]
+        from nuscenes.eval.tracking.evaluate import TrackingEval  # optional: raydn[nuscenes]
+        from nuscenes.utils.splits import create_splits_scenes  # optional: raydn[nuscenes]
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise DataError(f"the tracking metric needs nuscenes-devkit, motmetrics and pandas ({e}); "
                         "pip install 'raydn[nuscenes,tracking]'") from None

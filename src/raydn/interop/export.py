@@ -41,6 +41,7 @@ Contract decisions (documented in the README, "Export and deployment"):
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -202,6 +203,65 @@ def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names, output
         prog.save(str(path))
 
 
+def _check_traceable(model: nn.Module) -> None:
+    """Raise ExportError when ``model`` uses a deformable sampler that ONNX exporters cannot trace."""
+    for m in model.modules():
+        if isinstance(m, DeformableFeatureAggregation) and m.sampler in (
+                deformable_sample_fused, deformable_sample_gather):
+            raise ExportError("the model uses the fused/gather deformable sampler, which ONNX "
+                              "exporters cannot trace: build it with "
+                              "options=RuntimeOptions.for_export() (the grid_sample sampler)")
+
+
+def _export_metadata(model: nn.Module, batch_size: int, *, preset: str | None, source: str | None,
+                     encoder_io: tuple, head_io: tuple) -> dict:
+    """The ``metadata.json`` of an export (before the graphs' sha256 are added): the model's sizes,
+    normalisation, options and the spec of every graph input/output. ``encoder_io`` = (images,
+    feature names, features); ``head_io`` = (input names, inputs, output names, outputs)."""
+    cfg = model.cfg
+    L = cfg.head.num_levels
+    images, feat_names, feats = encoder_io
+    head_in_names, head_args, head_out_names, head_out = head_io
+    meaning_in = dict(HEAD_INPUTS)
+    meaning_out = dict(HEAD_OUTPUTS)
+    meta = {
+        "format": EXPORT_FORMAT,
+        "export_id": uuid.uuid4().hex,
+        "preset": preset or getattr(model, "preset", None),
+        "source": None if source is None else str(source),
+        "raydn_version": __import__("raydn").__version__,
+        "torch_version": torch.__version__,
+        "opset": OPSET,
+        "batch_size": batch_size,
+        "num_cams": cfg.head.num_cams,
+        "image_size": list(cfg.image_size),
+        "img_mean": list(cfg.img_mean), "img_std": list(cfg.img_std),
+        "image_normalisation": "RGB, (pixel - img_mean) / img_std, pixels in 0..255",
+        "class_names": list(CLASS_NAMES[:cfg.head.num_classes]),
+        "num_levels": L, "memory_len": cfg.head.memory_len, "embed_dims": cfg.head.embed_dims,
+        "num_query": cfg.head.num_query, "num_propagated": cfg.head.num_propagated,
+        "topk_proposals": cfg.head.topk_proposals,
+        "max_num": cfg.head.max_num, "post_center_range": list(cfg.head.post_center_range),
+        "nms_radius": None if cfg.head.nms_radius is None else list(cfg.head.nms_radius),
+        "pc_range": list(cfg.head.pc_range),
+        "timestamps": "float64 seconds in and out (timestamp, mem_timestamp); never float32",
+        "options": {k: (str(v) if isinstance(v, torch.dtype) else v)
+                    for k, v in asdict(model.options).items()},
+        "files": {"encoder": ENCODER_FILE, "head_step": HEAD_FILE},
+        "encoder": {"inputs": [dict(_spec("images", images),
+                                    meaning="(B, N, 3, H, W) float32 normalised RGB")],
+                    "outputs": [dict(_spec(n, f), meaning="(B, N, C, H_l, W_l) float32")
+                                for n, f in zip(feat_names, feats)]},
+        "head_step": {
+            "inputs": [dict(_spec(n, t), meaning=meaning_in.get(n, "(B, N, C, H_l, W_l) float32, "
+                                                                  "the encoder's output"))
+                       for n, t in zip(head_in_names, head_args)],
+            "outputs": [dict(_spec(n, t), meaning=meaning_out[n])
+                        for n, t in zip(head_out_names, head_out)]},
+    }
+    return meta
+
+
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int = 1,
                 preset: str | None = None, source: str | None = None) -> ExportReport:
     """Export ``model`` (a :class:`~raydn.models.detector.RayDNDetector`, any options: it is
@@ -213,12 +273,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
     _require_exporter()
     if batch_size < 1:
         raise ExportError(f"batch_size must be >= 1, got {batch_size}")
-    for m in model.modules():
-        if isinstance(m, DeformableFeatureAggregation) and m.sampler in (
-                deformable_sample_fused, deformable_sample_gather):
-            raise ExportError("the model uses the fused/gather deformable sampler, which ONNX "
-                              "exporters cannot trace: build it with "
-                              "options=RuntimeOptions.for_export() (the grid_sample sampler)")
+    _check_traceable(model)
     model = model.eval()
     cfg = model.cfg
     out_dir = Path(out_dir)
@@ -235,43 +290,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, batch_size: int
     head_out_names = [n for n, _ in HEAD_OUTPUTS]
     tmp = Path(tempfile.mkdtemp(prefix=".raydn-export-", dir=out_dir))
     try:
-        meaning_in = dict(HEAD_INPUTS)
-        meaning_out = dict(HEAD_OUTPUTS)
-        meta = {
-            "format": EXPORT_FORMAT,
-            "export_id": uuid.uuid4().hex,
-            "preset": preset or getattr(model, "preset", None),
-            "source": None if source is None else str(source),
-            "raydn_version": __import__("raydn").__version__,
-            "torch_version": torch.__version__,
-            "opset": OPSET,
-            "batch_size": batch_size,
-            "num_cams": cfg.head.num_cams,
-            "image_size": list(cfg.image_size),
-            "img_mean": list(cfg.img_mean), "img_std": list(cfg.img_std),
-            "image_normalisation": "RGB, (pixel - img_mean) / img_std, pixels in 0..255",
-            "class_names": list(CLASS_NAMES[:cfg.head.num_classes]),
-            "num_levels": L, "memory_len": cfg.head.memory_len, "embed_dims": cfg.head.embed_dims,
-            "num_query": cfg.head.num_query, "num_propagated": cfg.head.num_propagated,
-            "topk_proposals": cfg.head.topk_proposals,
-            "max_num": cfg.head.max_num, "post_center_range": list(cfg.head.post_center_range),
-            "nms_radius": None if cfg.head.nms_radius is None else list(cfg.head.nms_radius),
-            "pc_range": list(cfg.head.pc_range),
-            "timestamps": "float64 seconds in and out (timestamp, mem_timestamp); never float32",
-            "options": {k: (str(v) if isinstance(v, torch.dtype) else v)
-                        for k, v in asdict(model.options).items()},
-            "files": {"encoder": ENCODER_FILE, "head_step": HEAD_FILE},
-            "encoder": {"inputs": [dict(_spec("images", batch.images),
-                                        meaning="(B, N, 3, H, W) float32 normalised RGB")],
-                        "outputs": [dict(_spec(n, f), meaning="(B, N, C, H_l, W_l) float32")
-                                    for n, f in zip(feat_names, feats)]},
-            "head_step": {
-                "inputs": [dict(_spec(n, t), meaning=meaning_in.get(n, "(B, N, C, H_l, W_l) float32, "
-                                                                      "the encoder's output"))
-                           for n, t in zip(head_in_names, head_args)],
-                "outputs": [dict(_spec(n, t), meaning=meaning_out[n])
-                            for n, t in zip(head_out_names, head_out)]},
-        }
+        meta = _export_metadata(model, batch_size, preset=preset, source=source,
+                                encoder_io=(batch.images, feat_names, feats),
+                                head_io=(head_in_names, head_args, head_out_names, head_out))
         # the fingerprint: each graph carries the export id and the metadata it belongs to; the
         # metadata records each graph's sha256 (checked by raydn.deploy.verify at load)
         props = {PROP_EXPORT_ID: meta["export_id"], PROP_METADATA: json.dumps(meta, sort_keys=True)}
@@ -309,8 +330,7 @@ def _err(a, b) -> float:
 
 
 def _double_batch(batch: FrameBatch) -> FrameBatch:
-    from dataclasses import replace as _replace
-    return _replace(batch, **{k: getattr(batch, k).double() for k in
+    return replace(batch, **{k: getattr(batch, k).double() for k in
                               ("intrinsics", "extrinsics", "lidar2img", "ego_pose", "ego_pose_inv")})
 
 
@@ -345,6 +365,38 @@ def _upd(d: dict, name: str, v: float) -> None:
     d[name] = max(d.get(name, 0.0), v)
 
 
+def _reference_step(reference: nn.Module, head64: nn.Module, batch: FrameBatch, state: TemporalState,
+                    floor: dict[str, float]) -> tuple[list[Tensor], Tensor, Tensor, TemporalState]:
+    """One frame through the PyTorch ``reference`` (float32) and its float64 head copy ``head64``
+    (same features and state in); raises ``floor[name]`` to float32's distance to the float64
+    result. Returns ``(feats, cls_logits, bbox_preds, next state)`` of the float32 model (last
+    decoder layer)."""
+    with torch.no_grad():
+        feats = reference.extract_feats(batch.images)
+        out64, st64 = head64([f.double() for f in feats], _double_batch(batch),
+                             TemporalState(**{k: v.double() for k, v in state.as_dict().items()}))
+        out, st_next = reference.pts_bbox_head(feats, batch, state)
+    cls, box = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
+    _upd(floor, "cls_logits", _err(cls, out64["all_cls_scores"][-1]))
+    _upd(floor, "bbox_preds", _err(box, out64["all_bbox_preds"][-1]))
+    for f in STATE_FIELDS:
+        _upd(floor, f"new_mem_{f}", _err(getattr(st_next, f), getattr(st64, f)))
+    floor["boxes"] = floor["stream_boxes"] = max(floor.get("boxes", 0.0), floor["bbox_preds"])
+    return feats, cls, box, st_next
+
+
+def _failed_outputs(worst: dict[str, float], floor: dict[str, float], tolerance: float) -> dict:
+    """``{name: error}`` of the outputs over their limit: 0 for ``labels`` / ``keep`` (exact), else
+    ``max(tolerance, 2 * float32 floor)``."""
+    failed = {}
+    for name, e in worst.items():
+        exact = name.endswith("labels") or name.endswith("keep")
+        limit = 0.0 if exact else max(tolerance, 2.0 * floor.get(name, 0.0))
+        if e > limit:
+            failed[name] = e
+    return failed
+
+
 def check_parity(reference: nn.Module, onnx_dir: str | os.PathLike, *,
                  prev_exists=PARITY_PREV_EXISTS, tolerance: float = 1e-4, seed: int = 0,
                  threads: int | None = None) -> dict:
@@ -374,8 +426,6 @@ def check_parity(reference: nn.Module, onnx_dir: str | os.PathLike, *,
 
     Returns ``{"frames", "prev_exists", "tolerance", "max_err", "per_output", "float32_floor",
     "failed", "ok"}``."""
-    import copy
-
     det = OnnxDetector(onnx_dir, threads=threads)
     reference = reference.eval()
     head64 = copy.deepcopy(reference.pts_bbox_head).double()
@@ -390,17 +440,7 @@ def check_parity(reference: nn.Module, onnx_dir: str | os.PathLike, *,
                                       prev_exists=[float(pe)] * B, num_boxes=0,
                                       with_targets=False, seed=seed)
         st_in = st_pt
-        with torch.no_grad():
-            feats = reference.extract_feats(batch.images)
-            out64, st64 = head64([f.double() for f in feats], _double_batch(batch),
-                                 TemporalState(**{k: v.double() for k, v in st_in.as_dict().items()}))
-            out, st_pt = reference.pts_bbox_head(feats, batch, st_in)
-        cls, box = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
-        _upd(floor, "cls_logits", _err(cls, out64["all_cls_scores"][-1]))
-        _upd(floor, "bbox_preds", _err(box, out64["all_bbox_preds"][-1]))
-        for f in STATE_FIELDS:
-            _upd(floor, f"new_mem_{f}", _err(getattr(st_pt, f), getattr(st64, f)))
-        floor["boxes"] = floor["stream_boxes"] = max(floor.get("boxes", 0.0), floor["bbox_preds"])
+        feats, cls, box, st_pt = _reference_step(reference, head64, batch, st_in, floor)
         dense = decode_dense(cls, box, cfg.head.max_num, cfg.head.post_center_range)
         # encoder
         ox_feats = det.extract_feats(batch.images)
@@ -417,12 +457,7 @@ def check_parity(reference: nn.Module, onnx_dir: str | os.PathLike, *,
         # the stream: own features, own state
         outs_s, st_ox = det.step(batch, st_ox, feats=ox_feats)
         _compare_decoded(worst, "stream_", outs_s, dense)
-    failed = {}
-    for name, e in worst.items():
-        exact = name.endswith("labels") or name.endswith("keep")
-        limit = 0.0 if exact else max(tolerance, 2.0 * floor.get(name, 0.0))
-        if e > limit:
-            failed[name] = e
+    failed = _failed_outputs(worst, floor, tolerance)
     return {"frames": len(prev_exists), "prev_exists": [float(p) for p in prev_exists],
             "tolerance": tolerance, "max_err": max(worst.values()), "per_output": worst,
             "float32_floor": floor, "failed": failed, "ok": not failed}

@@ -20,9 +20,22 @@ import torch
 from torch import Tensor, nn
 
 from raydn.config import ModelConfig
-from raydn.core.batch import FrameBatch
-from raydn.models.options import RuntimeOptions
+from raydn.core.batch import FrameBatch, check_frame_batch
+from raydn.core.outputs import Selection
 from raydn.core.state import TemporalState
+from raydn.errors import CheckpointError
+from raydn.models.aux_head import build_aux_head
+from raydn.models.backbones import MobileNetV2Backbone, ResNet, build_backbone
+from raydn.models.backbones.mobilenet import resolve_pretrained
+from raydn.models.backbones.pretrained import load_backbone_weights
+from raydn.models.criterion import RayDNCriterion
+from raydn.models.decode import decode
+from raydn.models.depth_head import DenseDepthHead
+from raydn.models.grid_mask import GridMask
+from raydn.models.head import RayDNHead
+from raydn.models.neck import build_neck
+from raydn.models.options import RuntimeOptions
+from raydn.models.transformer import PackedMultiheadAttention
 
 
 class RayDNDetector(nn.Module):
@@ -34,23 +47,17 @@ class RayDNDetector(nn.Module):
 
     def __init__(self, cfg: ModelConfig, options: RuntimeOptions | None = None):
         super().__init__()
-        from raydn.models.backbones import build_backbone
-        from raydn.models.criterion import RayDNCriterion
-        from raydn.models.head import RayDNHead
-        from raydn.models.neck import build_neck
 
         self.cfg = cfg
         self.options = RuntimeOptions() if options is None else options
         self.img_backbone = build_backbone(cfg.backbone)
         self.img_neck = build_neck(cfg.neck) if cfg.neck.enabled else None
         if cfg.aux_head.enabled:
-            from raydn.models.aux_head import build_aux_head
             self.img_roi_head = build_aux_head(cfg.aux_head)
         else:
             self.img_roi_head = None
         self.pts_bbox_head = RayDNHead(cfg.head, sampler=self.options.sampler)
         if cfg.use_grid_mask:
-            from raydn.models.grid_mask import GridMask
             self.grid_mask = GridMask()
         else:
             self.grid_mask = None
@@ -58,7 +65,6 @@ class RayDNDetector(nn.Module):
         # dense depth supervision (not official, training only): built last, so the other modules'
         # initial weights are the same with and without it
         if cfg.depth.enabled:
-            from raydn.models.depth_head import DenseDepthHead
             encoder = self.img_neck if self.img_neck is not None else self.img_backbone
             self.depth_head = DenseDepthHead(cfg.depth, encoder.out_channels[-1], cfg.head.num_levels)
         else:
@@ -76,8 +82,6 @@ class RayDNDetector(nn.Module):
 
     def _apply_options(self) -> None:
         """Put :attr:`options` into the built modules (BN folding, memory layout, attention path)."""
-        from raydn.models.backbones import MobileNetV2Backbone, ResNet
-        from raydn.models.transformer import PackedMultiheadAttention
         opts = self.options
         conv_encoder = isinstance(self.img_backbone, (ResNet, MobileNetV2Backbone))
         if conv_encoder:
@@ -96,13 +100,10 @@ class RayDNDetector(nn.Module):
         path or ``'imagenet'`` (MobileNetV2). Returns the :class:`LoadReport`; raises
         ``CheckpointError`` naming the file / the package to install when the weights are missing.
         ``trust``: read the file with full unpickling (only for files you trust)."""
-        from raydn.errors import CheckpointError
         source = source or self.cfg.backbone.pretrained
         if source is None:
             raise CheckpointError("no pretrained backbone weights configured (BackboneConfig.pretrained)")
-        from raydn.models.backbones.mobilenet import resolve_pretrained
         source = resolve_pretrained(source, self.cfg.backbone.name)
-        from raydn.models.backbones.pretrained import load_backbone_weights
         return load_backbone_weights(self.img_backbone, source, trust=trust)  # copies in place: layout kept
 
     # ------------------------------------------------------------------ features
@@ -203,13 +204,10 @@ class RayDNDetector(nn.Module):
         ``state`` stays as it was."""
         from dataclasses import replace
 
-        from raydn.core.batch import check_frame_batch
-        from raydn.models.decode import decode
         check_frame_batch(batch, self.cfg.head.num_cams)
         outputs, state, _ = self.forward(batch, state)
         head = self.cfg.head if nms or self.cfg.head.nms_radius is None else replace(self.cfg.head, nms_radius=None)
         dets = decode(outputs, head)
         if with_selection:
-            from raydn.core.outputs import Selection
             return dets, state, Selection.of(dets, outputs["memory_index"])
         return dets, state

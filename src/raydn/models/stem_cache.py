@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from raydn.data.frames import collate_frames
+
 
 def stem_cache_blocker(model, aug) -> str | None:
     """Why the stem of ``model`` cannot be cached under the training transform ``aug``, or None."""
@@ -56,7 +58,6 @@ class StemCache:
     @torch.no_grad()
     def fill(self, model, dataset, *, frames_per_batch: int = 2, progress: bool = False) -> "StemCache":
         """Compute the stem of every frame of ``dataset`` (its ``load_images`` must be on)."""
-        from raydn.data.frames import collate_frames
         idx = [i for i in range(len(dataset)) if dataset.infos[i]["token"] not in self._store]
         bar = None
         if progress:

@@ -211,9 +211,9 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     """Loss curve (and its running mean) from the trainer's history; PNG."""
-    import matplotlib
+    import matplotlib  # optional: raydn[train] / raydn[nuscenes]
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: raydn[train] / raydn[nuscenes]
     it = np.array([h["iter"] for h in history])
     loss = np.array([h["loss"] for h in history])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)

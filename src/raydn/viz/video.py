@@ -97,6 +97,6 @@ def count_video_frames(path: str | os.PathLike) -> int:
     """Number of frames of a video, decoded by imageio-ffmpeg (exact count: ffmpeg reads every
     frame)."""
     require_video_support()
-    import imageio_ffmpeg
+    import imageio_ffmpeg  # optional: raydn[infer]
     n, _ = imageio_ffmpeg.count_frames_and_secs(os.fspath(path))
     return int(n)

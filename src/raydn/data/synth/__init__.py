@@ -45,7 +45,7 @@ def scene_names(n_scenes: int, split: str = "mini") -> list[str]:
     the same 4:1 ratio with at least one validation scene (so ``mini_val`` is never empty).
     ``trainval``: the same rule with the train/val lists (ratio 700:150)."""
     try:
-        from nuscenes.utils.splits import create_splits_scenes
+        from nuscenes.utils.splits import create_splits_scenes  # optional: raydn[nuscenes]
     except ImportError as e:  # pragma: no cover - optional dependency
         raise DataError("raydn synth needs nuscenes-devkit (pip install 'raydn[nuscenes]')") from e
     sp = create_splits_scenes()

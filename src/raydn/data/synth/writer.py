@@ -160,6 +160,53 @@ def _pose_rec(token, ts, xy, yaw):
                 translation=[float(xy[0]), float(xy[1]), 0.0])
 
 
+def _calibrated_sensors(T: dict[str, list], seed: int, s_idx: int, channels: tuple[str, ...]) -> dict[str, str]:
+    """Append the ``calibrated_sensor`` rows of scene ``s_idx`` (one per channel) to ``T``; returns the
+    token of each channel's row."""
+    cs_tok = {}
+    for ch in channels:
+        cs_tok[ch] = make_token(seed, s_idx, "calibrated_sensor", ch)
+        if ch == "LIDAR_TOP":
+            c = calib.LIDAR_CALIB
+            T["calibrated_sensor"].append(dict(token=cs_tok[ch], sensor_token=calib.SENSOR_TOKENS[ch],
+                                               translation=list(c["translation"]),
+                                               rotation=list(c["rotation"]), camera_intrinsic=[]))
+        else:
+            c = calib.CAMERA_CALIB[ch]
+            T["calibrated_sensor"].append(dict(token=cs_tok[ch], sensor_token=calib.SENSOR_TOKENS[ch],
+                                               translation=list(c["translation"]), rotation=list(c["rotation"]),
+                                               camera_intrinsic=[list(r) for r in c["intrinsic"]]))
+    return cs_tok
+
+
+def _object_tables(T: dict[str, list], seed: int, sim: SceneSim, recs: list[dict], s_tok: list[str],
+                   cat_tok: dict[str, str], attr_tok: dict[str, str]) -> None:
+    """Append the ``instance`` rows and the ``sample_annotation`` rows (one per object and keyframe)
+    of scene ``sim`` to ``T``; ``s_tok`` are the scene's sample tokens."""
+    s_idx = sim.index
+    n = len(recs)
+    o = sim.objects
+    for i in range(len(o)):
+        inst_tok = make_token(seed, s_idx, "instance", i)
+        a_tok = [make_token(seed, s_idx, "sample_annotation", i, k) for k in range(n)]
+        T["instance"].append(dict(token=inst_tok, category_token=cat_tok[o.category[i]], nbr_annotations=n,
+                                  first_annotation_token=a_tok[0], last_annotation_token=a_tok[-1]))
+    attrs = [attribute_name(sim, i) for i in range(len(o))]
+    for k, rec in enumerate(recs):
+        centers = o.centers_at(float(sim.sample_t[k]))
+        for i in range(len(o)):
+            T["sample_annotation"].append(dict(
+                token=make_token(seed, s_idx, "sample_annotation", i, k), sample_token=s_tok[k],
+                instance_token=make_token(seed, s_idx, "instance", i),
+                visibility_token=visibility_token(rec["visible_px"][i], rec["unoccluded_px"][i]),
+                attribute_tokens=[attr_tok[attrs[i]]] if attrs[i] else [],
+                translation=[float(v) for v in centers[i]], size=[float(v) for v in o.wlh[i]],
+                rotation=_yaw_quat(float(o.yaw[i])),
+                prev=make_token(seed, s_idx, "sample_annotation", i, k - 1) if k else "",
+                next=make_token(seed, s_idx, "sample_annotation", i, k + 1) if k < n - 1 else "",
+                num_lidar_pts=int(rec["num_lidar_pts"][i]), num_radar_pts=int(rec["num_radar_pts"][i])))
+
+
 def build_tables(seed: int, sims: list[SceneSim], records: list[list[dict]]) -> dict[str, list]:
     """All 13 nuScenes tables of the world (deterministic given the inputs).
 
@@ -183,19 +230,7 @@ def build_tables(seed: int, sims: list[SceneSim], records: list[list[dict]]) -> 
         map_logs[loc].append(log_tok)
         T["log"].append(dict(token=log_tok, logfile=scene_log_name(sim), vehicle="n015",
                              date_captured=sim.date, location=loc))
-        cs_tok = {}
-        for ch in channels:
-            cs_tok[ch] = make_token(seed, s_idx, "calibrated_sensor", ch)
-            if ch == "LIDAR_TOP":
-                c = calib.LIDAR_CALIB
-                T["calibrated_sensor"].append(dict(token=cs_tok[ch], sensor_token=calib.SENSOR_TOKENS[ch],
-                                                   translation=list(c["translation"]),
-                                                   rotation=list(c["rotation"]), camera_intrinsic=[]))
-            else:
-                c = calib.CAMERA_CALIB[ch]
-                T["calibrated_sensor"].append(dict(token=cs_tok[ch], sensor_token=calib.SENSOR_TOKENS[ch],
-                                                   translation=list(c["translation"]), rotation=list(c["rotation"]),
-                                                   camera_intrinsic=[list(r) for r in c["intrinsic"]]))
+        cs_tok = _calibrated_sensors(T, seed, s_idx, channels)
         n = len(recs)
         s_tok = [make_token(seed, s_idx, "sample", k) for k in range(n)]
         scene_tok = make_token(seed, s_idx, "scene")
@@ -218,26 +253,7 @@ def build_tables(seed: int, sims: list[SceneSim], records: list[list[dict]]) -> 
                     filename=sd["filename"],
                     prev=make_token(seed, s_idx, "sample_data", ch, k - 1) if k else "",
                     next=make_token(seed, s_idx, "sample_data", ch, k + 1) if k < n - 1 else ""))
-        o = sim.objects
-        for i in range(len(o)):
-            inst_tok = make_token(seed, s_idx, "instance", i)
-            a_tok = [make_token(seed, s_idx, "sample_annotation", i, k) for k in range(n)]
-            T["instance"].append(dict(token=inst_tok, category_token=cat_tok[o.category[i]], nbr_annotations=n,
-                                      first_annotation_token=a_tok[0], last_annotation_token=a_tok[-1]))
-        attrs = [attribute_name(sim, i) for i in range(len(o))]
-        for k, rec in enumerate(recs):
-            centers = o.centers_at(float(sim.sample_t[k]))
-            for i in range(len(o)):
-                T["sample_annotation"].append(dict(
-                    token=make_token(seed, s_idx, "sample_annotation", i, k), sample_token=s_tok[k],
-                    instance_token=make_token(seed, s_idx, "instance", i),
-                    visibility_token=visibility_token(rec["visible_px"][i], rec["unoccluded_px"][i]),
-                    attribute_tokens=[attr_tok[attrs[i]]] if attrs[i] else [],
-                    translation=[float(v) for v in centers[i]], size=[float(v) for v in o.wlh[i]],
-                    rotation=_yaw_quat(float(o.yaw[i])),
-                    prev=make_token(seed, s_idx, "sample_annotation", i, k - 1) if k else "",
-                    next=make_token(seed, s_idx, "sample_annotation", i, k + 1) if k < n - 1 else "",
-                    num_lidar_pts=int(rec["num_lidar_pts"][i]), num_radar_pts=int(rec["num_radar_pts"][i])))
+        _object_tables(T, seed, sim, recs, s_tok, cat_tok, attr_tok)
     T["map"] = [dict(token=map_tok[loc], log_tokens=map_logs[loc], category="semantic_prior",
                      filename=f"maps/{map_tok[loc]}.png") for loc in MAP_LOCATIONS]
     return T
