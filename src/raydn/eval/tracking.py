@@ -30,7 +30,7 @@ import numpy as np
 
 from raydn.errors import DataError
 from raydn.eval.constants import DETECTION_NAMES, TRACKING_NAMES
-from raydn.eval.validate_submission import _VECTORS, _numbers, validate_submission
+from raydn.eval.validate_submission import check_box_fields, validate_submission
 from raydn.io import atomic_write_json
 
 __all__ = ["build_tracking_submission", "stream_flags", "check_tracking_record",
@@ -77,21 +77,7 @@ def stream_flags(detections: Sequence[Mapping], infos: Sequence[Mapping]) -> tup
 
 def check_tracking_record(where: str, token: str, rec) -> None:
     """One tracking record (see the module docstring); raises :class:`DataError`."""
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
-    missing = [k for k in ("sample_token", "translation", "size", "rotation", "velocity", "tracking_id",
-                           "tracking_name", "tracking_score") if k not in rec]
-    if missing:
-        raise DataError(f"{where}: missing field(s) {missing}")
-    if rec["sample_token"] != token:
-        raise DataError(f"{where}: field 'sample_token' is {rec['sample_token']!r} but the record is listed "
-                        f"under sample {token!r}")
-    vec = {name: _numbers(where, name, rec[name], n, nan_ok) for name, n, nan_ok in _VECTORS}
-    if any(s <= 0 for s in vec["size"]):
-        raise DataError(f"{where}: field 'size' is {rec['size']!r}; expected three sizes > 0 (w, l, h in metres)")
-    if sum(q * q for q in vec["rotation"]) < 1e-12:
-        raise DataError(f"{where}: field 'rotation' is {rec['rotation']!r}; expected a quaternion (w, x, y, z), "
-                        f"not zero")
+    check_box_fields(where, token, rec, ("tracking_id", "tracking_name", "tracking_score"))
     tid = rec["tracking_id"]
     if not isinstance(tid, str) or not tid:
         raise DataError(f"{where}: field 'tracking_id' is {tid!r}; expected a non-empty string")

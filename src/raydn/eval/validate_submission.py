@@ -56,12 +56,13 @@ def _numbers(where: str, name: str, value, n: int, nan_ok: bool) -> list[float]:
     return out
 
 
-def check_record(where: str, token: str, rec) -> None:
-    """One submission record (see the module docstring)."""
+def check_box_fields(where: str, token: str, rec, fields: Sequence[str]) -> None:
+    """The box part of one record of a detection or tracking submission: an object with the box
+    fields and ``fields``, listed under its own sample, finite vectors, sizes > 0, a non-zero
+    quaternion; raises :class:`DataError` naming ``where`` and the field."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
-    missing = [k for k in ("sample_token", "translation", "size", "rotation", "velocity", "detection_name",
-                           "detection_score", "attribute_name") if k not in rec]
+    missing = [k for k in ("sample_token", "translation", "size", "rotation", "velocity", *fields) if k not in rec]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing}")
     if rec["sample_token"] != token:
@@ -73,6 +74,11 @@ def check_record(where: str, token: str, rec) -> None:
     if sum(q * q for q in vec["rotation"]) < 1e-12:
         raise DataError(f"{where}: field 'rotation' is {rec['rotation']!r}; expected a quaternion (w, x, y, z), "
                         f"not zero")
+
+
+def check_record(where: str, token: str, rec) -> None:
+    """One submission record (see the module docstring)."""
+    check_box_fields(where, token, rec, ("detection_name", "detection_score", "attribute_name"))
     name = rec["detection_name"]
     if name not in DETECTION_NAMES:
         raise DataError(f"{where}: field 'detection_name' is {name!r}; expected one of {', '.join(DETECTION_NAMES)}")
@@ -153,4 +159,4 @@ def validate_submission(path: str | os.PathLike, sample_tokens: Collection[str],
     return data
 
 
-__all__ = ["MAX_BOXES_PER_SAMPLE", "check_global_frame", "check_record", "validate_submission"]
+__all__ = ["MAX_BOXES_PER_SAMPLE", "check_box_fields", "check_global_frame", "check_record", "validate_submission"]
