@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raydn.core.frames import quat_to_matrix
 from raydn.data.validate import scan_files
 from raydn.errors import DataError
 from raydn.geometry import CAMERA_NAMES
@@ -48,11 +49,6 @@ VERSIONS = ("v1.0-mini", "v1.0-trainval", "v1.0-test")
 REQUIRED_TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
                    "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map")
 INFO_PREFIX = "nuscenes2d"
-
-
-def _quat_matrix(q) -> np.ndarray:
-    from pyquaternion import Quaternion  # optional: raydn[nuscenes]
-    return Quaternion(q).rotation_matrix
 
 
 def check_dataroot(dataroot, version: str) -> Path:
@@ -112,8 +108,8 @@ def _sensor2lidar(nusc, sd_token, l2e_t, l2e_r_mat, e2g_t, e2g_r_mat, sensor_typ
         "ego2global_rotation": pose["rotation"],
         "timestamp": sd["timestamp"],
     }
-    l2e_r_s = _quat_matrix(cs["rotation"])
-    e2g_r_s = _quat_matrix(pose["rotation"])
+    l2e_r_s = quat_to_matrix(cs["rotation"])
+    e2g_r_s = quat_to_matrix(pose["rotation"])
     inv_e = np.linalg.inv(e2g_r_mat).T @ np.linalg.inv(l2e_r_mat).T
     R = (l2e_r_s.T @ e2g_r_s.T) @ inv_e
     T = (np.asarray(cs["translation"]) @ e2g_r_s.T + np.asarray(pose["translation"])) @ inv_e
@@ -218,8 +214,8 @@ def build_info(nusc, sample: dict, root: str, test: bool, frame_idx: int, max_sw
         "timestamp": sample["timestamp"],
     }
     l2e_t, e2g_t = info["lidar2ego_translation"], info["ego2global_translation"]
-    l2e_r_mat = _quat_matrix(info["lidar2ego_rotation"])
-    e2g_r_mat = _quat_matrix(info["ego2global_rotation"])
+    l2e_r_mat = quat_to_matrix(info["lidar2ego_rotation"])
+    e2g_r_mat = quat_to_matrix(info["ego2global_rotation"])
     for cam in CAMERA_NAMES:  # official insertion order
         cam_token = sample["data"][cam]
         cs = nusc.get("calibrated_sensor", nusc.get("sample_data", cam_token)["calibrated_sensor_token"])
