@@ -44,6 +44,19 @@ def _torchrun_node(node_rank: int, port: int, args: list[str], out: Path, **pope
     return subprocess.Popen(cmd, env=_env(), stdout=open(out, "w"), stderr=subprocess.STDOUT, **popen)
 
 
+def _wait_all_or_first_failure(procs, limit: float) -> list:
+    """Exit codes of ``procs`` once all have ended, or as soon as one has failed (the others are
+    then still running: None) -- a failed node would otherwise keep the other torchrun agent in
+    its 300-s exit barrier."""
+    t = time.time()
+    while time.time() - t < limit:
+        rcs = [p.poll() for p in procs]
+        if all(rc is not None for rc in rcs) or any(rc not in (None, 0) for rc in rcs):
+            return rcs
+        time.sleep(0.2)
+    return [p.poll() for p in procs]
+
+
 def _cli_args(infos, out: Path, *extra) -> list[str]:
     return ["-m", "raydn.cli", "train", "--preset", "tiny_raydn", "--data", str(infos[1]["train"]),
             "--out", str(out), "--max-iters", "200", "--workers", "0", "--no-progress", "--device", "cpu",
@@ -160,7 +173,7 @@ def test_two_nodes_on_loopback(synth_infos, tmp_path):
     args = [str(WORKER), str(synth_infos[1]["train"]), str(tmp_path / "out"), str(result), str(iters)]
     nodes = [_torchrun_node(r, port, args, tmp_path / f"node{r}.txt") for r in (0, 1)]
     try:
-        rcs = [n.wait(timeout=300) for n in nodes]
+        rcs = _wait_all_or_first_failure(nodes, limit=300)
     finally:
         for n in nodes:
             n.kill()
