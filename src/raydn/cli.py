@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 
 # OpenMP threads that spin while waiting make every parallel op cost milliseconds as soon as the
@@ -98,7 +99,6 @@ def _say(line: str) -> None:
 def _stdout_closed() -> bool:
     """Whether stdout is a pipe whose reader has gone (``poll`` reports an error on it)."""
     try:
-        import select
         p = select.poll()
         p.register(sys.stdout.fileno(), select.POLLOUT)
         return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))

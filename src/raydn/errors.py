@@ -1,3 +1,5 @@
+import signal
+
 """Errors raised for bad user input. Messages name the file/field and what was expected."""
 
 
@@ -32,7 +34,6 @@ class Terminated(KeyboardInterrupt):
     workers that leave quietly on ``KeyboardInterrupt``); the CLI then exits ``128 + signum``."""
 
     def __init__(self, signum: int):
-        import signal
         super().__init__(signum)
         self.signum = int(signum)
         self.name = signal.Signals(self.signum).name

@@ -16,17 +16,18 @@ All functions are pure, vectorised and differentiable where it makes sense; geom
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor
+
 
 def fp32_geometry(device):
     """Context manager keeping a geometry block in float32 under autocast (a bf16 4x4 product of
     global coordinates ~1.6e3 m rounds to ~8 m): ``autocast(enabled=False)`` when autocast is on
     for ``device``'s type, else a no-op (so traced / exported graphs see no autocast region).
     Callers cast their float inputs with ``.float()`` inside."""
-    import contextlib
     dev = torch.device(device).type
     if torch.is_autocast_enabled(dev):
         return torch.autocast(device_type=dev, enabled=False)

@@ -20,13 +20,21 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from raydn.errors import FolderBusyError, RaydnError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no folder locks; atomic writes still keep every file whole
+    fcntl = None
 
 #: marker in the names of temporary files (before the real suffix, which some writers need)
 TEMP_MARK = ".raydn-tmp"
@@ -105,7 +113,6 @@ def atomic_write_json(path: str | os.PathLike, obj, **dump_kwargs) -> Path:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`atomic_path`."""
-    import torch
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -122,7 +129,6 @@ def clean_stale_temp_files(folder: str | os.PathLike, depth: int = 1) -> list[Pa
     names this package gives its temporary files are touched; a sub-folder holding a lock file belongs
     to another command (its own next start cleans it) and is skipped. Call it while holding the
     folder's :class:`FolderLock`."""
-    import shutil
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
@@ -151,7 +157,6 @@ def clean_stale_temp_files(folder: str | os.PathLike, depth: int = 1) -> list[Pa
 def lock_holder(folder: str | os.PathLike) -> dict | None:
     """``{"pid", "host", "command"}`` of the process holding ``folder``'s lock, ``None`` when nobody
     holds it (a lock file left by a killed process is not held)."""
-    import fcntl
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR)
@@ -208,9 +213,7 @@ class FolderLock:
         return self._fd is not None
 
     def acquire(self, wait: bool = False, on_wait: Callable[[dict], None] | None = None) -> "FolderLock":
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: atomic writes still keep every file whole
+        if fcntl is None:  # pragma: no cover - not POSIX (see the import)
             return self
         if self._fd is not None:
             raise RuntimeError(f"{self.path}: already held by this FolderLock")

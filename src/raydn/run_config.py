@@ -42,6 +42,10 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from raydn import __version__
 from raydn.config import ModelConfig
 from raydn.errors import ConfigError
@@ -202,7 +206,6 @@ def _floats_where_float(new, old):
 # ------------------------------------------------------------------ reading
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON configuration file (a mapping; ``provenance`` dropped)."""
-    import yaml
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -225,8 +228,6 @@ def load_config_file(path: str | Path) -> dict:
 
 def parse_sets(sets: Sequence[str]) -> list[dict]:
     """``["head.num_query=7", ...]`` -> one nested dict per item, values with YAML semantics."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
     out = []
     for item in sets:
         key, eq, value = item.partition("=")
@@ -261,8 +262,6 @@ def _base(preset: str | Preset) -> RunConfig:
 def _merge(base, overlays: list[tuple[dict, str]], prefix: str):
     """Merge ``overlays`` ((tree, where) pairs, in order) into the dataclass ``base``; a new frozen
     instance. Scalar type errors become one-line :class:`ConfigError`\\ s."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
     trees = [t for t, _ in overlays if t]
     if not trees:
         return base
@@ -405,7 +404,6 @@ def train_options_kwargs(rc: RunConfig) -> dict:
 # ------------------------------------------------------------------ writing, comparing
 def dump_yaml(rc: RunConfig, provenance: dict | None = None) -> str:
     """The file form of ``rc`` (loadable with ``--config``); ``provenance`` appended if given."""
-    import yaml
     tree = rc.as_dict()
     if provenance:
         tree["provenance"] = to_plain(provenance)
@@ -415,7 +413,6 @@ def dump_yaml(rc: RunConfig, provenance: dict | None = None) -> str:
 def load_run_config(text: str, where: str) -> RunConfig:
     """A :class:`RunConfig` from the YAML ``text`` of a recorded configuration (``where``: its file,
     for messages)."""
-    import yaml
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as e:

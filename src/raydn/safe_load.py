@@ -17,6 +17,8 @@ import pickle
 import re
 from pathlib import Path
 
+import torch
+
 from raydn.errors import CheckpointError
 
 #: Objects no checkpoint needs: importing them from a pickle means running commands or code.
@@ -76,7 +78,6 @@ def load_weights_only(path: str | os.PathLike, map_location="cpu", trust: bool =
                       trust_flag: str = "--trust-checkpoint"):
     """``torch.load`` with ``weights_only=not trust``; every failure becomes a :class:`CheckpointError`
     that names the file and says what kind of problem it is (see the module docstring)."""
-    import torch
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")

@@ -23,6 +23,8 @@ import signal
 import threading
 from typing import Iterator
 
+from torch.utils.data import get_worker_info
+
 from raydn.errors import Terminated
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
@@ -37,7 +39,6 @@ def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
     global _pending, _raised
     if os.getpid() != _owner:  # a forked child inherited the handler
         try:
-            from torch.utils.data import get_worker_info
             loader_worker = get_worker_info() is not None
         except Exception:  # pragma: no cover - torch half-imported
             loader_worker = False

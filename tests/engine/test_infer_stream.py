@@ -63,7 +63,7 @@ def test_query_ids_follow_the_memory_rows():
     model = _model()
     backend = TorchBackend(model)
     cfg = model.cfg.head
-    Q, P, M, K = cfg.num_query, cfg.num_propagated, cfg.memory_len, cfg.topk_proposals
+    Q, M, K = cfg.num_query, cfg.memory_len, cfg.topk_proposals
     tracker = MemoryTracker.for_head(cfg)
     captured = {}
     model.pts_bbox_head.register_forward_hook(

@@ -1,6 +1,8 @@
 """``raydn config``: print the resolved configuration of a run (YAML), or the keys it accepts."""
 from __future__ import annotations
 
+import shlex
+
 from raydn.errors import ConfigError
 
 # Engine imports are inside run(): `raydn --help` builds every command's parser, and hoisting them
@@ -36,7 +38,6 @@ def run(args) -> int:
 
 
 def _shown_args(args) -> list[str]:
-    import shlex
     out = [args.preset] if args.preset else []
     if args.config:
         out += ["--config", args.config]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from raydn.commands._args import add_deprecated_alias, add_progress_argument
 from raydn.errors import CheckpointError
@@ -79,7 +80,6 @@ def _step(title: str):
 def run(args) -> int:
     """The five steps, each a function of this module or of the engine (the evaluation is
     :func:`raydn.engine.evaluate.evaluate_checkpoint`, the sequence ``raydn eval`` runs)."""
-    from pathlib import Path
 
     import torch
 

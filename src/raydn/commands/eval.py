@@ -1,6 +1,8 @@
 """``raydn eval``: streaming inference in scene order + the official nuScenes metric."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from raydn.commands._args import (
     add_device_argument,
     add_progress_argument,
@@ -58,7 +60,6 @@ def run(args) -> int:
 
 def _score_submission(args) -> int:
     """``--submission FILE``: check and score an existing (detection or tracking) submission."""
-    from pathlib import Path
 
     where = args.out or Path(args.submission).resolve().parent
     if args.tracking:
@@ -83,7 +84,6 @@ def _score_submission(args) -> int:
 def _evaluate_checkpoint(args) -> int:
     """``--checkpoint CKPT``: :func:`raydn.engine.evaluate.evaluate_checkpoint` (under DDP when
     started by torchrun: every rank infers its chunk, rank 0 writes and scores)."""
-    from pathlib import Path
 
     from raydn.engine.distributed import cleanup_distributed, setup_distributed
     from raydn.engine.evaluate import EvalOptions, evaluate_checkpoint

@@ -1,6 +1,8 @@
 """``raydn synth``: write a synthetic world as a genuine nuScenes dataroot."""
 from __future__ import annotations
 
+import time
+
 from raydn.commands._args import add_progress_argument
 
 # Engine imports are inside run(): `raydn --help` builds every command's parser, and hoisting them
@@ -28,7 +30,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import time
 
     from raydn.data.synth import generate_world
     t0 = time.time()

@@ -1,6 +1,9 @@
 """``raydn train``: streaming training on one process or many (``torchrun``)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from raydn.commands._args import (
     add_device_argument,
     add_progress_argument,
@@ -85,8 +88,6 @@ def add_arguments(p):
 def _recorded_preset(args) -> str | None:
     """The preset name recorded in the run folder that ``--resume`` continues (its ``config.json``:
     ``--out`` for ``--resume auto``, the checkpoint's folder for ``--resume PATH``), or None."""
-    import json
-    from pathlib import Path
     if not args.resume:
         return None
     folder = Path(args.out) if args.resume == "auto" else Path(args.resume).parent
@@ -99,7 +100,6 @@ def _recorded_preset(args) -> str | None:
 def _config_from_run_folder(args) -> None:
     """``--resume`` without ``--preset`` / ``--config``: continue with the configuration the run
     folder recorded (its ``config.yaml``: ``--out`` for ``auto``, the checkpoint's folder otherwise)."""
-    from pathlib import Path
     if not args.resume or args.preset or args.config:
         return
     folder = Path(args.out) if args.resume == "auto" else Path(args.resume).parent

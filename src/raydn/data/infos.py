@@ -17,6 +17,9 @@ records: :mod:`raydn.core.frames` (``pose_matrix(rotation, translation)``).
 """
 from __future__ import annotations
 
+import builtins
+import codecs
+import collections
 import io
 import os
 import pickle
@@ -158,7 +161,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._wrappers[key]
 
     def _builtin(self, name: str):
-        import builtins
         fn = getattr(builtins, name)
         if name in ("list", "tuple"):
             return self._charged(name, fn, _container_cost(8))
@@ -211,7 +213,6 @@ class RestrictedUnpickler(pickle.Unpickler):
             import numpy.dtypes as npd  # numpy >= 1.25
             return getattr(npd, name)
         if module == "_codecs" and name == "encode":
-            import codecs
 
             def encode_cost(obj, encoding="utf-8", *errors):
                 if codecs.lookup(encoding).name not in ("iso8859-1", "utf-8", "ascii"):
@@ -222,7 +223,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module in ("builtins", "__builtin__") and name in _BUILTINS:
             return self._builtin(name)
         if module == "collections" and name in ("OrderedDict", "defaultdict"):
-            import collections
             fn = getattr(collections, name)
             if name == "OrderedDict":
                 return self._charged(name, fn, _container_cost(64))

@@ -57,15 +57,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image, UnidentifiedImageError
 
+from raydn import (
+    limits,  # the limit is read at each call (a module setting tests lower)
+)
 from raydn.core.frames import camera_matrices, invert_rigid, pose_matrix
 from raydn.data.frames import FrameInputs, eval_transform_params, load_camera_images
+from raydn.data.images import load_image, resolve_image_path
 from raydn.data.transforms import AugConfig, ida_matrix
 from raydn.errors import DataError
-from raydn.data.images import load_image, resolve_image_path
 from raydn.geometry import CAMERA_NAMES
 from raydn.io import atomic_write_bytes
-from raydn import limits  # the limit is read at each call (a module setting tests lower)
 
 __all__ = ["CalibrationError", "CameraCalib", "RigFrame", "CameraRig", "load_camera_rig",
            "CameraRigFrames", "rig_dict_from_infos", "write_rig_file", "check_timestamp_unit",
@@ -204,7 +208,6 @@ def _no_duplicate_keys(src: str):
 
 def _yaml_loader(src: str):
     """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (naming the line)."""
-    import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
@@ -234,7 +237,6 @@ def _read_mapping(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise CalibrationError(f"{path}: cannot read the calibration file ({e})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml  # a core dependency
         try:
             data = yaml.load(text, Loader=_yaml_loader(str(path)))  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as e:
@@ -421,7 +423,6 @@ def check_intrinsics(K: np.ndarray, width: int, height: int, where: str) -> None
 
 def _open_size(path: Path, where: str) -> tuple[int, int]:
     """(W, H) from the image header (no decoding)."""
-    from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
             return im.size
@@ -542,7 +543,6 @@ def write_rig_file(rig: dict, path: str | os.PathLike) -> Path:
     # plain Python types (numpy scalars/arrays -> floats/lists), the same for both formats
     rig = json.loads(json.dumps(rig, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
         data = yaml.safe_dump(rig, sort_keys=False).encode()
     else:
         data = json.dumps(rig, indent=1).encode()

@@ -24,12 +24,18 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from raydn.core.frames import quat_to_matrix
 from raydn.data.validate import scan_files
 from raydn.errors import DataError
 from raydn.geometry import CAMERA_NAMES
-from raydn.io import OutputFolder, atomic_write_bytes, atomic_write_json, describe_holder
+from raydn.io import (
+    OutputFolder,
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_holder,
+)
 
 #: mmdet3d ``NuScenesDataset.NameMapping``.
 NAME_MAPPING = {
@@ -121,7 +127,10 @@ def _sensor2lidar(nusc, sd_token, l2e_t, l2e_r_mat, e2g_t, e2g_r_mat, sensor_typ
 
 def _post_process_coords(corner_coords, imsize=(1600, 900)):
     """Convex hull of the projected corners intersected with the image canvas -> xyxy or None."""
-    from shapely.geometry import MultiPoint, box  # optional: raydn[nuscenes] (a nuscenes-devkit dependency)
+    from shapely.geometry import (  # optional: raydn[nuscenes] (a nuscenes-devkit dependency)
+        MultiPoint,
+        box,
+    )
     hull = MultiPoint(corner_coords).convex_hull
     canvas = box(0, 0, imsize[0], imsize[1])
     if not hull.intersects(canvas):
@@ -334,7 +343,6 @@ def _prepare_locked(root: str, vdir: Path, version: str, out: Path, progress: bo
     _check_files(nusc, Path(root))
     train_scenes, val_scenes = _split_scenes(nusc, version)
     test = version == "v1.0-test"
-    from tqdm import tqdm
     infos = {"train": [], "val": []}
     frame_idx = 0
     for sample in tqdm(nusc.sample, desc=f"raydn prepare {version}", unit="sample", disable=not progress):

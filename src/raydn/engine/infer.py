@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from raydn.data.loader import build_eval_loader
 from raydn.engine.distributed import is_dist
@@ -50,7 +52,6 @@ def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: 
     batches = {}
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
         bar = tqdm(total=len(loader) if limit is None else min(limit, len(loader)), desc="inference",
                    dynamic_ncols=True)
     for n, batch in enumerate(loader):
@@ -71,7 +72,6 @@ def stream_inference(model, dataset, *, device=None, rank: int = 0, world_size: 
         bar.close()
     results: list[dict | None] = [None] * len(dataset)
     if world_size > 1 and is_dist():
-        import torch.distributed as dist
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, mine)
         pairs = [p for part in gathered for p in part]

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from raydn.engine.run_files import iteration_checkpoints
 from raydn.errors import RaydnError
 from raydn.interop.convert import load_detector_weights
 from raydn.models.init_weights import backbone_init_report, file_sha256
-from raydn.engine.run_files import iteration_checkpoints
 
 
 class InitialisationError(RaydnError):
@@ -114,7 +115,6 @@ def will_resume(out_dir, where: str | None) -> bool:
     """Whether a run with ``--resume where`` will continue from a checkpoint (cheap: nothing is
     read): a path always, ``'auto'`` when ``out_dir`` holds ``latest.pt`` or an ``iter_*.pt``. The
     trainer re-plans if the checkpoint then turns out unusable."""
-    from pathlib import Path
 
     if not where:
         return False

@@ -19,6 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.multiprocessing as mp
+
 from raydn import termination
 from raydn.engine.train import TrainOptions, train
 from raydn.errors import Terminated
@@ -46,7 +49,6 @@ def _free_port() -> int:
 def _worker(rank: int, opts: TrainOptions, world: int, port: int, threads: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
     torch.set_num_threads(threads)
     try:
         with termination.handlers():  # SIGTERM: every rank stops at one iteration, with a checkpoint
@@ -88,7 +90,6 @@ def train_local_processes(opts: TrainOptions, procs: int, threads_per_proc: int 
         raise ValueError(f"train_local_processes: procs must be >= 1, got {procs}")
     if procs == 1:
         return train(opts)
-    import torch.multiprocessing as mp
     threads = threads_per_proc or max(1, default_cores() // procs)
     result_file = Path(opts.out_dir) / _RESULT
     result_file.unlink(missing_ok=True)

@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from raydn.core.frames import boxes_to_global
 from raydn.core.outputs import Selection
@@ -212,7 +214,9 @@ def select_nuscenes_records(dataroot, *, version: str | None = None, infos=None,
     else:
         split = split or _default_split(version)
         try:
-            from nuscenes.utils.splits import create_splits_scenes  # optional: raydn[nuscenes]
+            from nuscenes.utils.splits import (
+                create_splits_scenes,  # optional: raydn[nuscenes]
+            )
         except ImportError:
             raise DataError("choosing scenes by split needs nuscenes-devkit (pip install 'raydn[nuscenes]'); "
                             "or pass --scene NAME") from None
@@ -368,7 +372,6 @@ def run_stream(backend, frames, options: StreamOptions | None = None, *,
     :class:`RaydnError` (one line naming the file), and a failed or interrupted run leaves no output:
     the JSON lines and the video are written through temporary files, and the pictures this run
     wrote under ``render_dir`` are removed again (with the folder, if the run created it)."""
-    from torch.utils.data import DataLoader
 
     if options is not None and fields:
         raise TypeError("run_stream: give StreamOptions or its fields as keywords, not both")
@@ -473,7 +476,6 @@ class _FrameSink:
             render_dir.mkdir(parents=True, exist_ok=True)
         bar = None
         if opts.progress:
-            from tqdm import tqdm
             bar = tqdm(total=n_total, desc=f"raydn infer ({backend_name})", unit="frame", dynamic_ncols=True)
         sink = cls(opts, aug, None, None, bar, render_dir, paths)
         if render_dir is not None:

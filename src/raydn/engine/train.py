@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from raydn import run_config, termination
 from raydn.core.state import TemporalState
@@ -570,12 +571,13 @@ class _RunLog:
         writer = bar = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: raydn[train]
+                from torch.utils.tensorboard import (
+                    SummaryWriter,  # optional: raydn[train]
+                )
                 writer = SummaryWriter(str(out_dir / "tb"))
             except Exception:  # tensorboard not installed: plain log only
                 writer = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, smoothing=0.1)
         return cls(log_file, writer, bar)
 

@@ -13,13 +13,20 @@ Loading loops over records once; the metric itself works on the arrays.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from raydn.core.frames import lidar_boxes_to_global, quat_yaw
 from raydn.errors import DataError
-from raydn.eval.constants import ATTRIBUTE_NAMES, BIKE_RACK_CATEGORY, CATEGORY_TO_DETECTION, DETECTION_NAMES
+from raydn.eval.constants import (
+    ATTRIBUTE_NAMES,
+    BIKE_RACK_CATEGORY,
+    CATEGORY_TO_DETECTION,
+    DETECTION_NAMES,
+)
 from raydn.eval.fast_eval import BikeRacks, EvalArrays
 
 _NAME_TO_LABEL = {n: i for i, n in enumerate(DETECTION_NAMES)}
@@ -91,12 +98,15 @@ def gt_from_nusc(nusc, eval_set: str) -> tuple[EvalArrays, BikeRacks, dict[str, 
 
     Returns (gt, bike racks, ego translation per sample token)."""
     from nuscenes.eval.common.loaders import (  # optional: raydn[nuscenes]
-        get_samples_of_custom_split, load_gt, load_gt_of_sample_tokens)
-    from nuscenes.eval.detection.data_classes import DetectionBox  # optional: raydn[nuscenes]
+        get_samples_of_custom_split,
+        load_gt,
+        load_gt_of_sample_tokens,
+    )
+    from nuscenes.eval.detection.data_classes import (
+        DetectionBox,  # optional: raydn[nuscenes]
+    )
     from nuscenes.utils.splits import is_predefined_split  # optional: raydn[nuscenes]
 
-    import contextlib
-    import io
     with contextlib.redirect_stderr(io.StringIO()):  # the devkit's tqdm bar ignores verbose=False
         if is_predefined_split(split_name=eval_set):
             boxes = load_gt(nusc, eval_set, DetectionBox, verbose=False)

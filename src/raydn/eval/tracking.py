@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -113,13 +114,18 @@ def run_tracking_eval(result_path: str | os.PathLike, dataroot: str | os.PathLik
     ``label_metrics``, ...)."""
     try:
         from nuscenes import NuScenes  # optional: raydn[nuscenes]
-        from nuscenes.eval.common.config import config_factory  # optional: raydn[nuscenes]
-        from nuscenes.eval.tracking.evaluate import TrackingEval  # optional: raydn[nuscenes]
-        from nuscenes.utils.splits import create_splits_scenes  # optional: raydn[nuscenes]
+        from nuscenes.eval.common.config import (
+            config_factory,  # optional: raydn[nuscenes]
+        )
+        from nuscenes.eval.tracking.evaluate import (
+            TrackingEval,  # optional: raydn[nuscenes]
+        )
+        from nuscenes.utils.splits import (
+            create_splits_scenes,  # optional: raydn[nuscenes]
+        )
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise DataError(f"the tracking metric needs nuscenes-devkit, motmetrics and pandas ({e}); "
                         "pip install 'raydn[nuscenes,tracking]'") from None
-    import tempfile
 
     result_path, out_dir = os.fspath(result_path), os.fspath(out_dir)
     if nusc is None:

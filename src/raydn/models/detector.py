@@ -15,6 +15,7 @@ Attribute names equal the official checkpoint prefixes (``img_backbone``, ``img_
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -202,7 +203,6 @@ class RayDNDetector(nn.Module):
         camera count than the model's or with NaN/inf images, calibration or poses raises
         ``DataError`` before the memory is touched (``raydn.core.batch.check_frame_batch``):
         ``state`` stays as it was."""
-        from dataclasses import replace
 
         check_frame_batch(batch, self.cfg.head.num_cams)
         outputs, state, _ = self.forward(batch, state)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from raydn.data.frames import collate_frames
 
@@ -61,7 +62,6 @@ class StemCache:
         idx = [i for i in range(len(dataset)) if dataset.infos[i]["token"] not in self._store]
         bar = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=len(idx), desc="stem cache", dynamic_ncols=True)
         device = next(model.parameters()).device
         for s in range(0, len(idx), frames_per_batch):

