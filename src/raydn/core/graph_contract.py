@@ -9,7 +9,6 @@ sha256. The writer is :mod:`raydn.interop.export`, the reader :mod:`raydn.deploy
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from raydn.core.files import file_sha256  # re-exported: export / deploy import it from here
 from raydn.errors import RaydnError
 
 __all__ = ["EXPORT_FORMAT", "ENCODER_FILE", "HEAD_FILE", "META_FILE", "HEAD_INPUTS", "HEAD_OUTPUTS",
@@ -85,15 +85,6 @@ def head_step_inputs(feats, batch, state) -> tuple[Tensor, ...]:
             batch.timestamp.to(torch.float64), batch.prev_exists.to(f32),
             *(getattr(state, f).to(torch.float64 if f == "timestamp" else f32)
               for f in STATE_FIELDS))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_metadata(onnx_dir: str | os.PathLike) -> dict:

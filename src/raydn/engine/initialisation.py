@@ -31,7 +31,8 @@ from pathlib import Path
 from raydn.engine.run_files import iteration_checkpoints
 from raydn.errors import RaydnError
 from raydn.interop.convert import load_detector_weights
-from raydn.models.init_weights import backbone_init_report, file_sha256
+from raydn.core.files import file_sha256
+from raydn.models.init_weights import backbone_init_report
 
 
 class InitialisationError(RaydnError):

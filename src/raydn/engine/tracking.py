@@ -275,13 +275,23 @@ def track_detections(detections: Sequence[Mapping], infos: Sequence[Mapping], *,
     return g, ids
 
 
-def write_tracking_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], path, *,
-                              tracker: str, head=None, **kwargs) -> Path:
-    """Track (:func:`track_detections`, times and sequence starts from
-    :func:`raydn.eval.tracking.stream_flags`) and
-    write the tracking submission JSON (atomic). Returns the path."""
+def track_stream(detections: Sequence[Mapping], infos: Sequence[Mapping], *, tracker: str, head=None,
+                 **kwargs):
+    """:func:`track_detections` with the frame times and sequence starts of the stream
+    (:func:`raydn.eval.tracking.stream_flags`) -> ``(global_detections, ids)``."""
     ts, new = stream_flags(detections, infos)
-    g, ids = track_detections(detections, infos, tracker=tracker, timestamps=ts, new_sequence=new,
-                              head=head, **kwargs)
+    return track_detections(detections, infos, tracker=tracker, timestamps=ts, new_sequence=new,
+                            head=head, **kwargs)
+
+
+def save_tracking_submission(g, ids: np.ndarray, path) -> Path:
+    """Write the tracking submission JSON of :func:`track_detections`'s output (atomic). Returns the path."""
     write_results_json(path, build_tracking_submission(g, ids), dict(SUBMISSION_META))
     return Path(path)
+
+
+def write_tracking_submission(detections: Sequence[Mapping], infos: Sequence[Mapping], path, *,
+                              tracker: str, head=None, **kwargs) -> Path:
+    """Track (:func:`track_stream`) and write the tracking submission JSON (atomic). Returns the path."""
+    g, ids = track_stream(detections, infos, tracker=tracker, head=head, **kwargs)
+    return save_tracking_submission(g, ids, path)

@@ -73,14 +73,17 @@ def camera_geometry(info: Mapping) -> tuple[np.ndarray, np.ndarray]:
 def sample_ray_duplicates(pred_boxes: np.ndarray, pred_labels: np.ndarray, pred_scores: np.ndarray,
                           gt_boxes: np.ndarray, gt_labels: np.ndarray, info: Mapping,
                           cfg: RayDuplicateConfig = RayDuplicateConfig()) -> dict:
-    """One sample (LiDAR frame boxes ``(n, >=3)`` centres first). Returns counts and the boolean
-    masks ``is_fp`` / ``is_ray_duplicate`` over the predictions kept by the score threshold."""
+    """One sample (LiDAR frame boxes ``(n, >=3)`` centres first). Returns counts; the boolean
+    masks ``is_fp`` / ``is_ray_duplicate`` and ``matched`` (the GT index each took, -1: none) over the
+    predictions kept by the score threshold (``kept``, a mask over all ``n``); and
+    ``gt_ray_duplicated`` (G,): the GT boxes with at least one ray duplicate."""
     keep = pred_scores >= cfg.score_threshold
     p, pl, ps = pred_boxes[keep, :3].astype(np.float64), pred_labels[keep], pred_scores[keep]
     g, gl = gt_boxes[:, :3].astype(np.float64), gt_labels
     matched = greedy_match_bev(g[:, :2], gl, p[:, :2], pl, ps, cfg.match_dist)
     is_fp = matched < 0
     is_dup = np.zeros(len(p), dtype=bool)
+    gt_dup = np.zeros(len(g), dtype=bool)
     if is_fp.any() and len(g):
         centres, l2i = camera_geometry(info)                                # (6, 3), (6, 4, 4)
         # which cameras see each GT centre: project into every image
@@ -100,12 +103,16 @@ def sample_ray_duplicates(pred_boxes: np.ndarray, pred_labels: np.ndarray, pred_
         same = pl[is_fp][:, None] == gl[None, :]                              # (F, G)
         hit = (angle <= cfg.max_angle_deg) & (gap >= cfg.min_depth_gap) & sees[None] & same[..., None]
         is_dup[np.flatnonzero(is_fp)] = hit.any(axis=(1, 2))
+        gt_dup = hit.any(axis=(0, 2))
     return {"gt_boxes": int(len(g)), "true_positives": int((~is_fp).sum()),
             "false_positives": int(is_fp.sum()), "ray_duplicates": int(is_dup.sum()),
-            "is_fp": is_fp, "is_ray_duplicate": is_dup}
+            "is_fp": is_fp, "is_ray_duplicate": is_dup, "matched": matched, "kept": keep,
+            "gt_ray_duplicated": gt_dup}
 
 
-def _gt_of_info(info: Mapping, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def gt_of_info(info: Mapping, class_names: Sequence[str], with_index: bool = False):
+    """The info record's GT boxes (G, 7) and labels (G,) of ``class_names`` (others dropped), and
+    with ``with_index`` their row indices in ``gt_boxes`` (the sample's annotation order)."""
     boxes = np.asarray(info.get("gt_boxes", np.zeros((0, 7))), dtype=np.float64).reshape(-1, 7)
     names = np.asarray(info.get("gt_names", np.zeros(0, str))).reshape(-1).astype(str)
     if len(names) != len(boxes):
@@ -115,6 +122,8 @@ def _gt_of_info(info: Mapping, class_names: Sequence[str]) -> tuple[np.ndarray, 
     for ci, c in enumerate(class_names):  # loop over classes
         labels[names == c] = ci
     keep = labels >= 0
+    if with_index:
+        return boxes[keep], labels[keep], np.flatnonzero(keep)
     return boxes[keep], labels[keep]
 
 
@@ -130,11 +139,11 @@ def ray_duplicates(detections: Sequence[Mapping], infos: Sequence[Mapping],
         raise DataError(f"{len(detections)} detection sets for {len(infos)} info records")
     tot = {"gt_boxes": 0, "true_positives": 0, "false_positives": 0, "ray_duplicates": 0}
     for det, info in zip(detections, infos):  # loop over samples; everything inside is vectorised
-        b = _as_np(det["boxes"], np.float64)
+        b = as_numpy(det["boxes"], np.float64)
         b = b.reshape(len(b), -1) if b.size else np.zeros((0, 9))
-        s = _as_np(det["scores"], np.float64).reshape(-1)
-        lb = _as_np(det["labels"], np.int64).reshape(-1)
-        gb, gl = _gt_of_info(info, class_names)
+        s = as_numpy(det["scores"], np.float64).reshape(-1)
+        lb = as_numpy(det["labels"], np.int64).reshape(-1)
+        gb, gl = gt_of_info(info, class_names)
         r = sample_ray_duplicates(b, lb, s, gb, gl, info, cfg)
         for k in tot:
             tot[k] += r[k]
@@ -144,7 +153,7 @@ def ray_duplicates(detections: Sequence[Mapping], infos: Sequence[Mapping],
     return tot
 
 
-def _as_np(x, dtype) -> np.ndarray:
+def as_numpy(x, dtype) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)

@@ -30,12 +30,21 @@ from pathlib import Path
 import numpy as np
 
 from raydn.errors import DataError
+from raydn.geometry import CLASS_NAMES
 from raydn.eval.constants import DETECTION_NAMES, TRACKING_NAMES
+from raydn.eval.ray_duplicates import (  # one matcher for ray duplicates and ID switches along rays
+    RayDuplicateConfig,
+    as_numpy,
+    greedy_match_bev,
+    gt_of_info,
+    sample_ray_duplicates,
+)
 from raydn.eval.validate_submission import check_box_fields, validate_submission
 from raydn.io import atomic_write_json
 
 __all__ = ["build_tracking_submission", "stream_flags", "check_tracking_record",
-           "validate_tracking_submission", "run_tracking_eval", "format_tracking_summary"]
+           "validate_tracking_submission", "run_tracking_eval", "format_tracking_summary",
+           "annotation_instances", "id_switches_along_rays"]
 
 _TRACKED = np.array([n in TRACKING_NAMES for n in DETECTION_NAMES])
 
@@ -165,3 +174,127 @@ def format_tracking_summary(summary: Mapping) -> str:
     if per:
         lines.append("AMOTA per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per.items()))
     return "\n".join(lines)
+
+
+# ----------------------------------------------- ID switches of objects with duplicates along rays
+
+def annotation_instances(dataroot: str | os.PathLike, version: str) -> dict[str, list[str]]:
+    """Sample token -> the instance token (the ground-truth track) of each of its annotations, in
+    the order of the info records' ``gt_boxes`` (``raydn prepare`` follows the devkit's
+    ``sample['anns']``, which is ``sample_annotation.json``'s order). Reads the table directly: no
+    devkit needed."""
+    path = Path(dataroot, version, "sample_annotation.json")
+    try:
+        rows = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (the nuScenes tables of {version!r} under {dataroot})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    out: dict[str, list[str]] = {}
+    for i, r in enumerate(rows):  # one pass over the table
+        try:
+            out.setdefault(r["sample_token"], []).append(r["instance_token"])
+        except (KeyError, TypeError):
+            raise DataError(f"{path}: row {i} lacks 'sample_token' / 'instance_token'") from None
+    return out
+
+
+def _clear_mot_match(gt_xy: np.ndarray, gt_label: np.ndarray, gt_prev: Sequence[int], pred_xy: np.ndarray,
+                     pred_label: np.ndarray, pred_score: np.ndarray, pred_track: np.ndarray,
+                     max_dist: float) -> np.ndarray:
+    """One frame's GT -> prediction correspondence, CLEAR MOT style (Bernardin & Stiefelhagen 2008):
+    first each GT box keeps its previous track (``gt_prev``, -2: none) when a prediction of that
+    track and of its class lies within ``max_dist`` (BEV, strict <; the nearest such); then the free
+    predictions take the free GT boxes greedily in descending score
+    (:func:`raydn.eval.ray_duplicates.greedy_match_bev`). Returns (G,) prediction index, -1: none."""
+    n_g, n_p = len(gt_xy), len(pred_xy)
+    match = np.full(n_g, -1, dtype=np.int64)
+    if n_g == 0 or n_p == 0:
+        return match
+    d = np.linalg.norm(np.asarray(gt_xy, np.float64)[:, None] - np.asarray(pred_xy, np.float64)[None], axis=-1)
+    keep = ((np.asarray(gt_prev, np.int64)[:, None] == np.asarray(pred_track, np.int64)[None])
+            & (np.asarray(gt_label)[:, None] == np.asarray(pred_label)[None]) & (d < max_dist))
+    used = np.zeros(n_p, dtype=bool)
+    for gj in np.flatnonzero(keep.any(axis=1)).tolist():  # GT boxes whose track is still there
+        cand = np.flatnonzero(keep[gj] & ~used)
+        if cand.size:
+            match[gj] = cand[np.argmin(d[gj, cand])]
+            used[match[gj]] = True
+    free_g, free_p = np.flatnonzero(match < 0), np.flatnonzero(~used)
+    m = greedy_match_bev(np.asarray(gt_xy)[free_g], np.asarray(gt_label)[free_g], np.asarray(pred_xy)[free_p],
+                         np.asarray(pred_label)[free_p], np.asarray(pred_score)[free_p], max_dist)
+    hit = m >= 0
+    match[free_g[m[hit]]] = free_p[hit]
+    return match
+
+
+def id_switches_along_rays(detections: Sequence[Mapping], infos: Sequence[Mapping], ids: np.ndarray,
+                           instances: Mapping[str, Sequence[str]], cfg=None) -> dict:
+    """ID switches of ground-truth tracks, all of them and those whose object has a duplicate along
+    its camera ray -- the failure ray denoising targets, seen through a tracker.
+
+    ``detections[i]`` / ``infos[i]``: frame i in time order (LiDAR-frame ``boxes`` (n, 9),
+    ``scores``, ``labels`` into :data:`raydn.geometry.CLASS_NAMES`); ``ids``: the track id of every
+    detection, concatenated in that order (:func:`raydn.engine.tracking.track_detections`, -1: not
+    reported); ``instances``: :func:`annotation_instances`. Per frame, reported detections of the
+    seven tracking classes with score >= ``cfg.score_threshold`` are matched to the GT boxes the
+    CLEAR MOT way (:func:`_clear_mot_match`: a GT box keeps the track it was matched to before while
+    that track is still within 2 m (BEV centres, same class); the others are matched greedily by
+    score as in :func:`raydn.eval.ray_duplicates.sample_ray_duplicates`, which also flags the GT
+    boxes that have a ray duplicate: a false positive of their class on one of their camera rays,
+    >= 2 m off in depth). An **ID switch** (CLEAR MOT): a GT track is matched to another track id
+    than at its previous matched frame. A GT track **has a duplicate along its ray** when one of its
+    frames flags it.
+
+    Returns ``id_switches`` / ``tracks`` (all GT tracks seen), ``ray_duplicate_id_switches`` /
+    ``ray_duplicate_tracks`` (those with a ray duplicate), ``ray_duplicate_frames`` and the
+    thresholds (``config``)."""
+    cfg = cfg or RayDuplicateConfig()
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    tracked_label = np.array([c in TRACKING_NAMES for c in CLASS_NAMES])
+    last: dict[str, int] = {}          # GT instance -> track id at its last matched frame
+    switches: dict[str, int] = {}      # GT instance -> ID switches
+    dup_tracks: set[str] = set()
+    dup_frames, start = 0, 0
+    for i, (det, info) in enumerate(zip(detections, infos)):  # frames in time order: switches are sequential
+        b = as_numpy(det["boxes"], np.float64)
+        b = b.reshape(len(b), -1) if b.size else np.zeros((0, 9))
+        n = len(b)
+        tid = ids[start:start + n]
+        start += n
+        if len(tid) != n:
+            raise DataError(f"id_switches_along_rays: {len(ids)} track ids for more detections (frame {i})")
+        s = as_numpy(det["scores"], np.float64).reshape(-1)
+        lb = as_numpy(det["labels"], np.int64).reshape(-1)
+        keep = (tid >= 0) & tracked_label[lb]
+        gb, gl, gidx = gt_of_info(info, CLASS_NAMES, with_index=True)
+        gt_keep = tracked_label[gl]
+        gb, gl, gidx = gb[gt_keep], gl[gt_keep], gidx[gt_keep]
+        token = str(info.get("token"))
+        inst = instances.get(token)
+        if inst is None:
+            raise DataError(f"sample {token}: not in the annotation table (wrong --dataroot / version?)")
+        r = sample_ray_duplicates(b[keep], lb[keep], s[keep], gb, gl, info, cfg)
+        sel = np.flatnonzero(keep)[r["kept"]]          # the predictions scored (rows of b)
+        keys = [inst[int(j)] for j in gidx]
+        match = _clear_mot_match(gb[:, :2], gl, [last.get(k, -2) for k in keys], b[sel, :2], lb[sel],
+                                 s[sel], tid[sel], cfg.match_dist)
+        for gj, pj in enumerate(match.tolist()):  # per GT box of the frame
+            key = keys[gj]
+            switches.setdefault(key, 0)  # GT tracks seen but never matched still count as tracks
+            if pj < 0:
+                continue
+            track = int(tid[sel[pj]])
+            if key in last and last[key] != track:
+                switches[key] += 1
+            last[key] = track
+        for gj in np.flatnonzero(r["gt_ray_duplicated"]).tolist():
+            dup_tracks.add(keys[gj])
+            dup_frames += 1
+    if start != len(ids):
+        raise DataError(f"id_switches_along_rays: {len(ids)} track ids for {start} detections")
+    return {"id_switches": int(sum(switches.values())), "tracks": len(switches),
+            "ray_duplicate_id_switches": int(sum(switches[k] for k in dup_tracks)),
+            "ray_duplicate_tracks": len(dup_tracks), "ray_duplicate_frames": dup_frames,
+            "config": {"score_threshold": cfg.score_threshold, "match_dist": cfg.match_dist,
+                       "max_angle_deg": cfg.max_angle_deg, "min_depth_gap": cfg.min_depth_gap}}

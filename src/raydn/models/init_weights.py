@@ -19,10 +19,10 @@ Files are read with ``torch.load(weights_only=True)`` unless ``trust=True``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 
+from raydn.core.files import file_sha256  # noqa: F401 (re-exported)
 from raydn.models.backbones.pretrained import LoadReport, count_by_prefix
 
 #: ``kind`` of an :class:`InitReport`
@@ -83,17 +83,6 @@ class InitReport:
         d = asdict(self)
         d["skipped"] = [{"key": k, "model_shape": list(a), "file_shape": list(b)} for k, a, b in self.skipped]
         return d
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file (read in 4 MiB chunks; ~1 s per GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def backbone_init_report(rep: LoadReport, prefix: str = "img_backbone.") -> InitReport:
