@@ -24,6 +24,7 @@ def test_presets_command(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "r50_raydn" in out and "56.1" in out and "eva02l_raydn" in out and "tiny_raydn" in out
+    assert "demo_raydn-reference" in out and "preset demo_raydn" in out   # the shipped reference model
 
 
 @pytest.mark.slow
@@ -51,6 +52,13 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     assert all(len(sub["results"][t]) <= len(raw[t]) for t in raw)
     text = capsys.readouterr().out
     assert "raydn demo report" in text and "without NMS" in text
+    # the shipped reference model, scored on the same mini_val and filmed, clearly labelled
+    ref = report["reference_model"]
+    assert ref["name"] == "demo_raydn-reference" and "shipped weights, not this run" in ref["label"]
+    assert 0.0 <= ref["mAP"] <= 1.0 and ref["iterations"] >= 10 * 1263
+    from raydn.viz.video import count_video_frames
+    assert ref["video_frames"] >= 1 and count_video_frames(ref["video"]) == ref["video_frames"]
+    assert f"video of the reference model: {ref['video']} ({ref['video_frames']} frames)" in text
 
 
 def test_eval_cli_writes_a_submission_the_devkit_accepts(synth_world, synth_infos, tmp_path):

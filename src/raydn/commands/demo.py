@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from raydn.commands._args import add_deprecated_alias, add_progress_argument
-from raydn.errors import CheckpointError
+from raydn.errors import CheckpointError, RaydnError
 from raydn.geometry import CLASS_NAMES
 from raydn.io import atomic_write_json
 
@@ -47,6 +47,9 @@ def add_arguments(p):
                    help="training processes (data parallel over gloo, the cores shared out); default: one "
                         "per core up to the total batch (2 on 2 cores: ~1.5x the iterations of one "
                         "2-thread process in the same budget, README 'Demo accuracy'); --quick: 1")
+    p.add_argument("--reference-frames", type=int, default=40, metavar="N",
+                   help="frames of the reference model's video (the first mini_val scene; 0: no video); "
+                        "the reference model is scored and filmed when the preset ships one")
     frames = p.add_argument("--num-frames", type=int, default=4, metavar="N",
                             help="mini_val frames to render as pictures")
     add_deprecated_alias(p, "--frames", frames)
@@ -60,6 +63,9 @@ TARGET = {"mAP": 0.30, "NDS": 0.35}
 
 #: seconds kept for streaming inference, the metric and the pictures after training (2 cores: ~20 s)
 _EVAL_RESERVE_S = 45.0
+
+#: seconds kept for the reference model: its metric (~15 s) and a 40-frame video (~16 s), 2 cores
+_REFERENCE_RESERVE_S = 45.0
 
 
 def _existing_world(root) -> dict | None:
@@ -99,35 +105,40 @@ def run(args) -> int:
     t_start = time.time()
     torch.manual_seed(args.seed)
 
-    t = _step(f"1/5 synthetic world: {scenes} scenes x {spp} samples")
+    t = _step(f"1/6 synthetic world: {scenes} scenes x {spp} samples")
     root = _synthetic_world(out / "world", args, scenes, spp, progress)
     timings["world"] = time.time() - t
 
-    t = _step("2/5 info records (official format)")
+    t = _step("2/6 info records (official format)")
     paths = prepare_infos(root, "v1.0-mini", out / "infos", progress=progress)
     timings["prepare"] = time.time() - t
 
-    t = _step(f"3/5 training {args.preset} (ray denoising on)")
+    t = _step(f"3/6 training {args.preset} (ray denoising on)")
     result, procs = _train(args, paths["train"], out / "train", iters, progress, t_start)
     timings["train"] = time.time() - t
     curve = plot_training_curves(result["history"], out / "loss_curve.png")
 
-    t = _step("4/5 streaming inference on mini_val + official nuScenes metric")
+    t = _step("4/6 streaming inference on mini_val + official nuScenes metric")
     # inference NMS-free (the model's own output), then the preset's NMS on top: both are scored
     ev = evaluate_checkpoint(result["checkpoint"], paths["val"], out / "eval", EvalOptions(
         dataroot=root, version="v1.0-mini", eval_set="mini_val", evaluator="devkit", plots=True,
         score_without_nms=True, keep_frames=args.num_frames, num_workers=args.workers, progress=progress))
     timings["eval"] = time.time() - t
 
-    t = _step("5/5 pictures")
+    t = _step("5/6 pictures")
     pictures = _render_pictures(ev, args.num_frames, out / "frames")
     timings["render"] = time.time() - t
+
+    t = _step("6/6 the shipped reference model: the same recipe trained far longer")
+    reference = _reference_model(args.preset, paths["val"], root, out / "reference", args, progress)
+    timings["reference"] = time.time() - t
 
     report = _report(args.preset, ev, result, procs, timings, files={
         "world": str(root), "infos": {k: str(v) for k, v in paths.items()},
         "checkpoint": result["checkpoint"], "submission": str(ev.submission),
         "metrics": str(out / "eval" / "metrics_summary.json"),
         "loss_curve": str(curve), "frames": [str(p) for p in pictures]})
+    report["reference_model"] = reference
     atomic_write_json(out / "report.json", report, indent=2)
     _print_report(report, ev, timings, out)
     return 0
@@ -169,7 +180,8 @@ def _train(args, train_infos, out_dir, iters: int, progress: bool, t_start: floa
     from raydn.presets import get_preset
     budget = None
     if args.time_budget > 0 and not args.quick:  # what is left, less a reserve for evaluation + pictures
-        budget = max(0.0, 60.0 * args.time_budget - (time.time() - t_start) - _EVAL_RESERVE_S)
+        reserve = _EVAL_RESERVE_S + (_REFERENCE_RESERVE_S if _reference_name(args.preset) else 0.0)
+        budget = max(0.0, 60.0 * args.time_budget - (time.time() - t_start) - reserve)
         print(f"training budget: {budget / 60:.1f} min (demo budget {args.time_budget:g} min)")
     opts = TrainOptions(preset=args.preset, data=str(train_infos), out_dir=str(out_dir),
                         max_iters=iters, seed=args.seed, workers=args.workers,
@@ -184,6 +196,57 @@ def _train(args, train_infos, out_dir, iters: int, progress: bool, t_start: floa
         print(f"{procs} training processes (data parallel over gloo, "
               f"{max(1, default_cores() // procs)} thread(s) each; --procs 1: one process)")
     return train_local_processes(opts, procs), procs
+
+
+def _reference_name(preset: str) -> str | None:
+    """The shipped reference model of ``preset`` (:mod:`raydn.weights`), or None."""
+    from raydn.weights import list_reference_models
+    name = f"{preset}-reference"
+    return name if name in list_reference_models() else None
+
+
+def _reference_model(preset: str, val_infos, root, folder: Path, args, progress: bool) -> dict | None:
+    """Score the shipped reference model of ``preset`` on the same ``mini_val`` (the same metric
+    and decoding as the model just trained) and film its first ``--reference-frames`` frames with
+    ``raydn infer``'s renderer (boxes coloured by track, BEV paths). None when the preset ships none."""
+    from raydn.engine.evaluate import EvalOptions, evaluate_checkpoint
+    from raydn.engine.stream import (StreamOptions, nuscenes_stream, open_backend, run_stream,
+                                     select_nuscenes_records)
+    from raydn.interop.convert import load_model
+    from raydn.presets import get_preset
+    from raydn.weights import get_reference_model
+    name = _reference_name(preset)
+    if name is None:
+        print(f"no reference model ships for preset {preset}: skipped")
+        return None
+    ref = get_reference_model(name)
+    path = ref.verify()
+    ev = evaluate_checkpoint(str(path), val_infos, folder / "eval", EvalOptions(
+        dataroot=root, version="v1.0-mini", eval_set="mini_val", evaluator="devkit", plots=False,
+        num_workers=args.workers, progress=progress))
+    m = ev.report.metrics
+    video, n_video = None, 0
+    if args.reference_frames > 0:
+        from raydn.viz.video import require_video_support
+        try:
+            require_video_support()
+        except RaydnError as e:  # the metric stands without the video
+            print(f"reference video skipped: {e}")
+        else:
+            model = load_model(str(path)).eval()
+            aug = get_preset(model.preset).test_transform()
+            records, scene_names, _ = select_nuscenes_records(root, version="v1.0-mini", infos=val_infos)
+            rep = run_stream(open_backend("torch", model=model), nuscenes_stream(records, aug, data_root=root),
+                             StreamOptions(out=folder / "detections.jsonl", video=folder / "reference.mp4",
+                                           aug=aug, scene_names=scene_names, limit=args.reference_frames,
+                                           progress=progress))
+            video, n_video = str(rep.video), rep.video_frames
+    meta = ref.meta
+    return {"name": name, "label": f"reference model {name}: the {preset} recipe trained "
+                                   f"{meta.get('iterations')} iterations (shipped weights, not this run)",
+            "iterations": meta.get("iterations"), "cpu_hours": meta.get("cpu_hours"),
+            "NDS": m["nd_score"], "mAP": m["mean_ap"], "tp_errors": m["tp_errors"],
+            "submission": str(ev.submission), "video": video, "video_frames": n_video}
 
 
 def _render_pictures(ev, num_frames: int, folder) -> list:
@@ -240,4 +303,11 @@ def _print_report(report: dict, ev, timings: dict, out) -> None:
     print(f"trained {report['iterations']} iterations; time: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
     print(f"pictures: {out / 'frames'}  loss curve: {report['files']['loss_curve']}")
+    ref = report.get("reference_model")
+    if ref is not None:
+        print(f"\n--- {ref['label']} ---")
+        print(f"synthetic mini_val: NDS {ref['NDS']:.4f}  mAP {ref['mAP']:.4f}  (same metric and decoding); "
+              + "TP errors: " + ", ".join(f"{k} {v:.3f}" for k, v in ref["tp_errors"].items()))
+        if ref["video"]:
+            print(f"video of the reference model: {ref['video']} ({ref['video_frames']} frames)")
     print(f"report: {out / 'report.json'}")

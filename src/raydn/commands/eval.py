@@ -22,7 +22,8 @@ HELP = "evaluate a checkpoint: streaming inference, nuScenes submission JSON, of
 def add_arguments(p):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="CKPT",
-                      help="raydn checkpoint (training checkpoint or `raydn convert` output)")
+                      help="raydn checkpoint (training checkpoint or `raydn convert` output) or a shipped "
+                            "reference model's name (e.g. demo_raydn-reference)")
     what.add_argument("--submission", metavar="FILE",
                       help="score this existing nuScenes submission JSON instead (checked first: every "
                            "sample of --data, finite values, known classes, <= 500 boxes per sample)")

@@ -23,7 +23,8 @@ HELP = "export a model to ONNX (image encoder + one streaming head step) and che
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
-                        help="raydn model file / training checkpoint / official .pth (see `raydn convert`)")
+                        help="raydn model file / training checkpoint / official .pth (see `raydn convert`) or a "
+                             "shipped reference model's name (e.g. demo_raydn-reference)")
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help="preset of a checkpoint that names none (one that records its preset uses "
                              "it: a different --preset is an error); without --checkpoint the preset is "

@@ -21,7 +21,8 @@ HELP = "streaming inference on a nuScenes scene/split or your own cameras: JSON 
 def add_arguments(p):
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="raydn checkpoint, `raydn convert` output or official .pth (--backend torch)")
+                   help="raydn checkpoint, `raydn convert` output, official .pth, or a shipped reference model's "
+                        "name (e.g. demo_raydn-reference; `raydn presets` lists them) (--backend torch)")
     m.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="run the PyTorch model (--checkpoint) or exported ONNX graphs (--onnx)")
     m.add_argument("--onnx", default=None, metavar="DIR", help="`raydn export` output folder (--backend onnxruntime)")

@@ -32,4 +32,14 @@ def run(args) -> int:
                 m = build_model(name)
             line += f"  {sum(x.numel() for x in m.parameters()) / 1e6:.1f}M params"
         print(line)
+    from raydn.weights import get_reference_model, list_reference_models
+    names = list_reference_models()
+    if names:
+        print("\nreference models shipped in the package (--checkpoint NAME in infer / eval / export):")
+    for n in names:
+        meta = get_reference_model(n).meta
+        mv = meta.get("mini_val", {}).get("fp16", {})
+        print(f"{n:26s} preset {meta.get('preset')}, {meta.get('iterations')} iterations, synthetic "
+              f"mini_val mAP {mv.get('mAP', float('nan')):.3f} NDS {mv.get('NDS', float('nan')):.3f}, "
+              f"{meta.get('size_bytes', 0) / 1e6:.1f} MB")
     return 0

@@ -22,6 +22,7 @@ from raydn.io import atomic_torch_save
 from raydn.models.init_weights import DETECTOR, InitReport
 from raydn.presets import build_model, get_preset
 from raydn.safe_load import load_weights_only
+from raydn.weights import resolve_checkpoint
 
 #: (official key prefix, raydn key prefix) rename rules, applied first match wins.
 RENAMES: tuple[tuple[str, str], ...] = ()
@@ -212,8 +213,9 @@ def add_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
     """``torch.load`` on CPU with ``weights_only=True``; a file that needs arbitrary unpickling
-    raises :class:`CheckpointError` unless ``trust=True`` (only for files you trust)."""
-    return load_weights_only(path, map_location="cpu", trust=trust)
+    raises :class:`CheckpointError` unless ``trust=True`` (only for files you trust). ``path`` may
+    name a shipped reference model (:func:`raydn.weights.resolve_checkpoint`, sha256 checked)."""
+    return load_weights_only(resolve_checkpoint(path), map_location="cpu", trust=trust)
 
 
 def load_official_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True,
