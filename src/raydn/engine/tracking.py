@@ -47,7 +47,7 @@ import numpy as np
 
 from raydn.errors import DataError, RaydnError
 from raydn.eval.constants import DETECTION_NAMES, SUBMISSION_META
-from raydn.eval.submission import detections_to_global, write_results_json
+from raydn.eval.submission import as_numpy, detections_to_global, write_results_json
 from raydn.eval.tracking import build_tracking_submission, stream_flags
 from raydn.geometry import CLASS_NAMES
 
@@ -84,12 +84,6 @@ class TrackFrame:
     memory_index: np.ndarray | None = None
 
 
-def _np(x, dtype) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
 class MemoryTracker:
     """Tracks = memory queries (see the module docstring). One stream.
 
@@ -120,8 +114,8 @@ class MemoryTracker:
         if frame.decode_index is None or frame.memory_index is None:
             raise ValueError("MemoryTracker: the frame has no model selection (decode_index / memory_index); "
                              "this backend cannot report memory tracks (use the velocity tracker)")
-        dq = _np(frame.decode_index, np.int64).reshape(-1)
-        mq = _np(frame.memory_index, np.int64).reshape(-1)
+        dq = as_numpy(frame.decode_index, np.int64).reshape(-1)
+        mq = as_numpy(frame.memory_index, np.int64).reshape(-1)
         QP = self.Q + self.P
         if (dq.size and (dq.min() < 0 or dq.max() >= QP)) or (mq.size and (mq.min() < 0 or mq.max() >= QP)):
             raise ValueError(f"MemoryTracker: query index outside 0..{QP - 1} (head sizes out of step)")
@@ -137,7 +131,7 @@ class MemoryTracker:
         new = np.flatnonzero(need)                                                   # query order
         ids[new] = self.next_id + np.arange(len(new), dtype=np.int64)
         self.next_id += len(new)
-        s = _np(frame.scores, np.float64).reshape(-1)
+        s = as_numpy(frame.scores, np.float64).reshape(-1)
         report = (s >= self.birth_score) | (born[dq] & (s >= self.keep_score))
         out = np.where(report, ids[dq], -1)
         born[dq[report]] = True
@@ -195,11 +189,11 @@ class VelocityTracker:
         """Advance one frame -> (k,) int64 track id of every detection (-1: not tracked)."""
         if frame.new_sequence:
             self.reset()
-        lab = _np(frame.labels, np.int64).reshape(-1)
-        s = _np(frame.scores, np.float64).reshape(-1)
+        lab = as_numpy(frame.labels, np.int64).reshape(-1)
+        s = as_numpy(frame.scores, np.float64).reshape(-1)
         k = lab.shape[0]
-        c = _np(frame.centres, np.float64).reshape(k, 2)
-        v = np.nan_to_num(_np(frame.velocity, np.float64).reshape(k, 2))
+        c = as_numpy(frame.centres, np.float64).reshape(k, 2)
+        v = np.nan_to_num(as_numpy(frame.velocity, np.float64).reshape(k, 2))
         dt = 0.0 if self.last_time is None else float(frame.timestamp) - self.last_time
         self.last_time = float(frame.timestamp)
         gate = self.gate[lab] if k else np.zeros(0)

@@ -34,6 +34,7 @@ import numpy as np
 from raydn.core.frames import camera_matrices, invert_rigid, pose_matrix
 from raydn.errors import DataError
 from raydn.eval.fast_eval import greedy_match_groups
+from raydn.eval.submission import as_numpy
 from raydn.geometry import CAMERA_NAMES, CLASS_NAMES
 
 
@@ -151,12 +152,6 @@ def ray_duplicates(detections: Sequence[Mapping], infos: Sequence[Mapping],
     tot["ray_duplicate_fp_share"] = tot["ray_duplicates"] / max(tot["false_positives"], 1)
     tot["config"] = asdict(cfg)
     return tot
-
-
-def as_numpy(x, dtype) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
 
 
 def format_ray_duplicates(r: Mapping) -> str:

@@ -94,7 +94,8 @@ class GlobalDetections:
                           np.full(n, -1, dtype=np.int64))
 
 
-def _np(x, dtype) -> np.ndarray:
+def as_numpy(x, dtype) -> np.ndarray:
+    """A tensor (any device) or array-like -> numpy array of ``dtype``."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
@@ -131,11 +132,11 @@ def detections_to_global(detections: Sequence[Mapping], infos: Sequence[Mapping]
             e2g_t.append(info["ego2global_translation"]), e2g_q.append(info["ego2global_rotation"])
         except KeyError as e:
             raise DataError(f"info record {i}: missing field {e.args[0]!r}") from None
-        b = _np(_get(det, ("boxes", "boxes_3d", "bboxes"), i), np.float32)
+        b = as_numpy(_get(det, ("boxes", "boxes_3d", "bboxes"), i), np.float32)
         if b.ndim != 2 or b.shape[1] < 9:
             raise DataError(f"detections[{i}].boxes: expected (n, 9) [x, y, z, l, w, h, yaw, vx, vy], got {b.shape}")
-        s = _np(_get(det, ("scores", "scores_3d"), i), np.float32).reshape(-1)
-        lb = _np(_get(det, ("labels", "labels_3d"), i), np.int64).reshape(-1)
+        s = as_numpy(_get(det, ("scores", "scores_3d"), i), np.float32).reshape(-1)
+        lb = as_numpy(_get(det, ("labels", "labels_3d"), i), np.int64).reshape(-1)
         if not (s.shape[0] == lb.shape[0] == b.shape[0]):
             raise DataError(f"detections[{i}]: boxes {b.shape[0]}, scores {s.shape[0]}, labels {lb.shape[0]}")
         boxes.append(b[:, :9]), scores.append(s), labels.append(lb)

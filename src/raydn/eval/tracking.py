@@ -34,11 +34,11 @@ from raydn.geometry import CLASS_NAMES
 from raydn.eval.constants import DETECTION_NAMES, TRACKING_NAMES
 from raydn.eval.ray_duplicates import (  # one matcher for ray duplicates and ID switches along rays
     RayDuplicateConfig,
-    as_numpy,
     greedy_match_bev,
     gt_of_info,
     sample_ray_duplicates,
 )
+from raydn.eval.submission import as_numpy
 from raydn.eval.validate_submission import check_box_fields, validate_submission
 from raydn.io import atomic_write_json
 
